@@ -1,0 +1,23 @@
+"""TensLoRA: tensor low-rank adapters (Tucker / CP over heads, projections and depth) as a PEFT method."""
+
+from .api import count_parameters, lora_parameter_count, match_budget, model_geometry
+from .config import TensLoraConfig
+from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
+from .layer import TensLoraLayer
+from .model import TensLoraModel
+from .registration import register
+
+register()
+
+__all__ = [
+    "CONSTRUCTIONS",
+    "PRESETS",
+    "TENSOR_CONSTRUCTIONS",
+    "TensLoraConfig",
+    "TensLoraLayer",
+    "TensLoraModel",
+    "count_parameters",
+    "lora_parameter_count",
+    "match_budget",
+    "model_geometry",
+]

@@ -1,0 +1,129 @@
+"""The module that wraps one adapted projection (``nn.Linear`` or GPT-2's ``Conv1D``).
+
+It owns no trainable parameter: it reads its slice of the adapter's shared tensors (the
+:class:`TensorBank` on the tuner) at each forward pass, as the factor pair (A, B) of
+``factorization.py``. A fused projection (q, k, v side by side) reads one slice per role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .bank import SliceAddress, TensorBank
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Output features ``[start, stop)`` of the wrapped module, and the slice that updates them (None: not adapted)."""
+
+    start: int
+    stop: int
+    address: Optional[SliceAddress]
+
+
+class TensLoraLayer(nn.Module, BaseTunerLayer):
+    # The trainable tensors are shared across layers and live on the tuner (TensLoraModel), which
+    # handles their gradients, dtype and deletion; the layer keeps only per-adapter bookkeeping.
+    adapter_layer_names = ()
+    other_param_names = ("tenslora_dropout", "_banks", "_segments", "_scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = _get_in_out_features(base_layer)
+        self.is_conv1d = isinstance(base_layer, Conv1D)  # weight stored (in, out)
+        self.tenslora_dropout = nn.ModuleDict()
+        self._banks: dict[str, TensorBank] = {}
+        self._segments: dict[str, list[Segment]] = {}
+        self._scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+
+    def update_layer(self, adapter_name: str, bank: TensorBank, segments: list[Segment], scaling: float,
+                     dropout: float) -> None:
+        self._banks[adapter_name] = bank
+        self._segments[adapter_name] = segments
+        self._scaling[adapter_name] = scaling
+        self.tenslora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.set_adapter(self.active_adapters)
+
+    def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """scaling * x Delta W^T, through the factors: two thin matmuls per slice, no dense update."""
+        bank, scaling = self._banks[adapter_name], self._scaling[adapter_name]
+        x = self.tenslora_dropout[adapter_name](x)
+        projected: dict[str, torch.Tensor] = {}  # x @ A, shared by the roles of a fused module
+        pieces = []
+        for segment in self._segments[adapter_name]:
+            address = segment.address
+            if address is None:
+                pieces.append(x.new_zeros(*x.shape[:-1], segment.stop - segment.start))
+                continue
+            tensor = bank.tensor(address.key)
+            a = tensor.input_factor().to(x.dtype)
+            b = (tensor.output_matrix(address.index)[:, : address.width] * scaling).to(x.dtype)
+            if address.transposed:  # output projection: its update is the slice transposed
+                pieces.append((x @ b.T) @ a.T)
+                continue
+            if address.key not in projected:
+                projected[address.key] = x @ a
+            pieces.append(projected[address.key] @ b)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter_name in self.active_adapters:
+            if adapter_name in self._banks:
+                result = result + self._adapter_output(adapter_name, x).to(result.dtype)
+        return result
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense scaling * Delta W in the base weight's layout, computed in fp32 (for merging only)."""
+        bank = self._banks[adapter_name]
+        rows = []
+        for segment in self._segments[adapter_name]:
+            if segment.address is None:
+                rows.append(torch.zeros(segment.stop - segment.start, self.in_features,
+                                        device=self.base_layer.weight.device))
+            else:
+                rows.append(bank.delta_weight(segment.address).float())
+        delta = torch.cat(rows, dim=0) * self._scaling[adapter_name]
+        return delta.T if self.is_conv1d else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the updates into the base weight (through fp32, whatever the weight's dtype)."""
+        weight = self.get_base_layer().weight
+        for adapter_name in adapter_names if adapter_names is not None else self.active_adapters:
+            if adapter_name not in self._banks or adapter_name in self.merged_adapters:
+                continue
+            with torch.no_grad():
+                merged = weight.data.float() + self.get_delta_weight(adapter_name).to(weight.device)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"Merging adapter '{adapter_name}' would put NaN or inf into {type(self.base_layer).__name__} "
+                        "weights; the adapter is probably broken (diverged training?)."
+                    )
+                weight.data = merged.to(weight.dtype)
+            self.merged_adapters.append(adapter_name)
+
+    def unmerge(self) -> None:
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            while self.merged_adapters:
+                adapter_name = self.merged_adapters.pop()
+                delta = self.get_delta_weight(adapter_name).to(weight.device)
+                weight.data = (weight.data.float() - delta).to(weight.dtype)
+
+    def __repr__(self) -> str:
+        return "tenslora." + super().__repr__()
