@@ -5,6 +5,7 @@ from .config import TensLoraConfig
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from .layer import TensLoraLayer
 from .model import TensLoraModel
+from .persistence import load_adapter, save_adapter
 from .registration import register
 
 register()
@@ -17,7 +18,9 @@ __all__ = [
     "TensLoraLayer",
     "TensLoraModel",
     "count_parameters",
+    "load_adapter",
     "lora_parameter_count",
     "match_budget",
     "model_geometry",
+    "save_adapter",
 ]

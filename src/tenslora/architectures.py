@@ -119,7 +119,7 @@ def find_targets(module_names: Iterable[str], patterns: Mapping[str, str], roles
     return targets
 
 
-def _config_value(model_config: Any, *names: str) -> Any:
+def config_value(model_config: Any, *names: str) -> Any:
     """Read the first present attribute (or dict key) among ``names``; HF configs map aliases already."""
     for name in names:
         value = model_config.get(name) if isinstance(model_config, Mapping) else getattr(model_config, name, None)
@@ -132,16 +132,16 @@ def geometry_from_config(model_config: Any, roles: Sequence[str], num_heads: int
                          layers_to_transform: Sequence[int] | None = None) -> Geometry:
     """Sizes from a Hugging Face config (object or dict). ``num_heads`` overrides the config's."""
     model_config = getattr(model_config, "text_config", None) or model_config
-    hidden = _config_value(model_config, "hidden_size", "n_embd", "dim", "d_model")
-    layers = _config_value(model_config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    hidden = config_value(model_config, "hidden_size", "n_embd", "dim", "d_model")
+    layers = config_value(model_config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
     if hidden is None or layers is None:
         raise ValueError(
             "Could not read the hidden size and number of layers from the model config (expected `hidden_size` "
             "and `num_hidden_layers`). Set them on `model.config` for custom models."
         )
-    heads = num_heads or _config_value(model_config, "num_attention_heads", "n_head", "n_heads")
-    kv_heads = _config_value(model_config, "num_key_value_heads") if heads else None
-    head_dim = _config_value(model_config, "head_dim") if heads else None
+    heads = num_heads or config_value(model_config, "num_attention_heads", "n_head", "n_heads")
+    kv_heads = config_value(model_config, "num_key_value_heads") if heads else None
+    head_dim = config_value(model_config, "head_dim") if heads else None
     if heads and not head_dim and hidden % heads:
         raise ValueError(
             f"The hidden size {hidden} is not divisible by the number of attention heads {heads}; check "

@@ -88,6 +88,12 @@ class TensLoraConfig(PeftConfig):
         metadata={"help": "Modules besides the adapter to train and save (PEFT adds the classifier for SEQ_CLS)."},
     )
     bias: str = field(default="none", metadata={"help": "Kept for PEFT; TensLoRA trains no bias."})
+    geometry: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Sizes of the model the adapter was built for (hidden size, attention width, layers, "
+                          "heads, roles). Filled in when the adapter is attached and saved with it, so that loading "
+                          "it into a model it does not fit fails with a clear error. Leave it unset."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import Target, expected_shape, find_targets, geometry_from_config, role_patterns_for, target_regex
+from .architectures import Target, config_value, expected_shape, find_targets, geometry_from_config, role_patterns_for, target_regex
 from .bank import TensorBank
 from .config import TensLoraConfig
 from .construction import Geometry, get_construction
@@ -22,7 +23,8 @@ _BANKS = "tenslora_tensors"
 def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target], Geometry]:
     """The modules an adapter will wrap and the geometry of its tensors, checked against the real modules."""
     model_config = getattr(model, "config", None)
-    patterns = role_patterns_for(getattr(model_config, "model_type", None), config.role_patterns, config.roles)
+    model_type = None if model_config is None else config_value(model_config, "model_type")
+    patterns = role_patterns_for(model_type, config.role_patterns, config.roles)
     if config.target_modules is None:
         config.target_modules = target_regex(patterns, config.roles)
     modules = dict(model.named_modules())
@@ -41,9 +43,11 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
     geometry = Geometry(geometry.hidden_size, geometry.attention_width, len(layers), geometry.roles,
                         geometry.num_heads, geometry.num_kv_heads)
     geometry.validate(get_construction(config.construction))
+    check_geometry(config, geometry)
     for target in targets:
         module = modules[target.name]
-        if not isinstance(module, (nn.Linear, Conv1D, BaseTunerLayer)):
+        module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not isinstance(module, (nn.Linear, Conv1D)):
             raise ValueError(f"Module '{target.name}' is a {type(module).__name__}; TensLoRA adapts nn.Linear and "
                              "Conv1D projections only. Check `role_patterns`.")
         shape = tuple(_get_in_out_features(module))
@@ -58,6 +62,22 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
     if missing_roles:
         raise ValueError(f"No module was found for role(s) {missing_roles}; fix `role_patterns` or `roles`.")
     return targets, geometry
+
+
+def check_geometry(config: TensLoraConfig, geometry: Geometry) -> None:
+    """Record the model's sizes in a new config; refuse a saved adapter built for different sizes."""
+    actual = dataclasses.asdict(geometry)
+    actual["roles"] = list(geometry.roles)
+    if config.geometry is None:
+        config.geometry = actual
+        return
+    differences = [f"{key} {config.geometry.get(key)} (adapter) vs {value} (model)"
+                   for key, value in actual.items() if config.geometry.get(key) != value]
+    if differences:
+        raise ValueError(
+            "This adapter was built for a different model: " + "; ".join(differences) + ". Load it into the "
+            f"model it was trained on ({config.base_model_name_or_path or 'see base_model_name_or_path'})."
+        )
 
 
 def segments_for(target: Target, geometry: Geometry, bank: TensorBank) -> list[Segment]:

@@ -1,0 +1,127 @@
+"""Every construction x factorization on tiny BERT, ViT and LLaMA (grouped-query attention)."""
+
+import re
+
+import pytest
+import tensorly as tl
+import torch
+from peft import get_peft_model
+
+import tenslora
+from tenslora import TensLoraConfig, TensLoraLayer
+from tiny import MODELS, inputs
+
+tl.set_backend("pytorch")
+
+COMBINATIONS = [(c, f) for c in sorted(tenslora.CONSTRUCTIONS) for f in ("tucker", "cp")]
+# Role of a module from its name, written independently of the library's pattern table.
+ROLE_OF_NAME = {"query": "q", "key": "k", "value": "v", "q_proj": "q", "k_proj": "k", "v_proj": "v",
+                "o_proj": "o", "attention.output.dense": "o"}
+ROLES = ["q", "k", "v", "o"]
+
+
+def _role(name: str) -> str:
+    return next(role for suffix, role in ROLE_OF_NAME.items() if name.endswith(suffix))
+
+
+def _layer(name: str) -> int:
+    return int(re.search(r"\.(\d+)\.", name).group(1))
+
+
+def _config(construction, factorization, **kwargs):
+    ranks = 3 if factorization == "cp" else {"in": 3, "out": 4, "head_dim": 2, "heads": 3, "qkv": 2, "depth": 2}
+    if isinstance(ranks, dict):
+        ranks = {m: ranks[m] for m in tenslora.CONSTRUCTIONS[construction].modes}
+    return TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks, roles=ROLES,
+                          scaling=0.5, **kwargs)
+
+
+def _expected_delta(bank, construction, factorization, role, layer, geometry):
+    """Dense update of (role, layer) from tensorly's full tensor, the head layout written out."""
+    spec = tenslora.CONSTRUCTIONS[construction]
+    tensor_name = "_".join(([] if spec.stack_roles else [role]) + ([] if spec.stack_layers else [f"layer{layer}"]))
+    tensor = bank.tensors[tensor_name or "all"]
+    factors = [tensor.factors[m] for m in spec.modes]
+    full = (tl.tucker_to_tensor((tensor.core, factors)) if factorization == "tucker"
+            else tl.cp_to_tensor((torch.ones(tensor.rank), factors)))
+    if spec.stack_layers:
+        full = full[..., layer]
+    if spec.stack_roles:
+        full = full[..., geometry.roles.index(role)]
+    if spec.split_heads:
+        d_in, head_dim, heads = full.shape
+        dense = full.permute(2, 1, 0).reshape(heads * head_dim, d_in)
+    else:
+        dense = full.T
+    width = geometry.role_width(role)
+    dense = dense[:width]
+    return (dense.T if role == "o" else dense) * 0.5
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize(("construction", "factorization"), COMBINATIONS)
+def test_adapter_matches_dense_oracle_and_merges(model_name, construction, factorization):
+    base = MODELS[model_name]()
+    batch = inputs(model_name)
+    reference = base(**batch).logits
+    model = get_peft_model(base, _config(construction, factorization, init_weights=False))
+    bank = model.base_model.tenslora_tensors["default"]
+    geometry = bank.geometry
+    adapted = {n: m for n, m in model.named_modules() if isinstance(m, TensLoraLayer)}
+    assert sorted({_role(n) for n in adapted}) == sorted(ROLES) and len(adapted) == 4 * geometry.num_layers
+    for name, layer in adapted.items():
+        expected = _expected_delta(bank, construction, factorization, _role(name), _layer(name), geometry)
+        torch.testing.assert_close(layer.get_delta_weight("default"), expected, atol=1e-5, rtol=1e-4)
+        x = torch.randn(2, 5, layer.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x) - layer.base_layer(x), x @ expected.T, atol=1e-5, rtol=1e-4)
+    assert tenslora.count_parameters(model.peft_config["default"], base.config) == \
+        sum(p.numel() for p in bank.parameters())
+
+    with torch.no_grad():
+        adapted_logits = model(**batch).logits
+        assert (adapted_logits - reference).abs().max() > 1e-6
+        base_weights = {n: m.base_layer.weight.clone() for n, m in adapted.items()}
+        model.merge_adapter()
+        torch.testing.assert_close(model(**batch).logits, adapted_logits, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        for name, layer in adapted.items():
+            torch.testing.assert_close(layer.base_layer.weight, base_weights[name], atol=1e-6, rtol=0)
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**batch).logits, reference, atol=1e-6, rtol=0)
+        merged = model.merge_and_unload()
+        assert not any(isinstance(m, TensLoraLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(**batch).logits, adapted_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+@pytest.mark.parametrize(("construction", "factorization"), COMBINATIONS)
+def test_init_is_the_base_model_and_training_moves_only_adapter_and_head(model_name, construction, factorization):
+    base = MODELS[model_name]()
+    batch = inputs(model_name, batch=8)
+    labels = torch.arange(8) % 3
+    with torch.no_grad():
+        reference = base(**batch).logits
+    torch.manual_seed(0)
+    model = get_peft_model(base, _config(construction, factorization, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference, atol=1e-6, rtol=0)
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("tenslora_tensors" in n or "modules_to_save" in n for n in trainable)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        if not losses:
+            with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+            assert with_grad <= trainable
+            assert any("tenslora_tensors" in n for n in with_grad)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    bank = model.base_model.tenslora_tensors["default"]
+    assert any(torch.count_nonzero(p) for p in bank.parameters())
