@@ -253,3 +253,44 @@ def test_gpt2_fused_projection_partial_roles():
     assert delta.shape == (32, 96)
     assert torch.count_nonzero(delta[:, 32:64]) == 0
     assert torch.count_nonzero(delta[:, :32]) and torch.count_nonzero(delta[:, 64:])
+
+
+def test_shared_input_projection_is_reused_only_when_valid():
+    """q, k, v share x @ U_in in the qkv constructions; another input, factor, grad mode or pass recomputes it."""
+    model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", ranks=2, init_weights=False))
+    bank = model.base_model.tenslora_tensors["default"]
+    x = torch.randn(2, 5, 32)
+    first = bank.project("all", x)
+    assert bank.project("all", x) is first
+    assert bank.project("all", x.clone()) is not first
+    with torch.no_grad():
+        bank.tensors["all"].factors["in"].mul_(2.0)  # as an optimizer step would
+    second = bank.project("all", x)
+    assert second is not first
+    torch.testing.assert_close(second, x @ bank.tensors["all"].factors["in"])
+    with torch.no_grad():
+        assert bank.project("all", x) is not second
+    model(**inputs("bert"))
+    assert not bank._projections  # nothing outlives a forward pass
+    merged = model.merge_and_unload()
+    assert not merged._forward_pre_hooks and not merged._forward_hooks  # the plain model keeps no TensLoRA hook
+
+
+@pytest.mark.parametrize("construction", ["qkv_depth", "att_qkv", "depth"])
+def test_gradient_checkpointing_gives_the_same_gradients(construction):
+    def gradients(checkpointing: bool) -> dict:
+        model = get_peft_model(bert(), TensLoraConfig(construction=construction, ranks=2, init_weights=False))
+        if checkpointing:
+            model.base_model.model.activation_checkpointing_enable()
+        model.train()
+        model.base_model.model.config.hidden_dropout_prob = 0.0
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        model(**inputs("bert"), labels=torch.tensor([0, 1])).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "tensors" in n}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -6,8 +6,9 @@ adapted projection. It knows nothing about models beyond a :class:`Geometry`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +27,21 @@ class SliceAddress:
     transposed: bool  # the output projection's update is its slice transposed
 
 
+@dataclass(frozen=True)
+class _Projection:
+    """``x @ U_in`` of one tensor, with what it was computed from (to know when it may be reused)."""
+
+    source: weakref.ref
+    source_version: int
+    factor_version: int
+    grad_enabled: bool
+    value: torch.Tensor
+
+    def is_for(self, x: torch.Tensor, factor: torch.Tensor) -> bool:
+        return (self.source() is x and self.source_version == x._version and self.factor_version == factor._version
+                and self.grad_enabled == torch.is_grad_enabled())
+
+
 class TensorBank(nn.Module):
     def __init__(self, construction: Construction, factorization: str, ranks: RankSpec, geometry: Geometry,
                  layers: Sequence[int]):
@@ -41,6 +57,28 @@ class TensorBank(nn.Module):
             {key: build_tensor(factorization, sizes, self.ranks) for key in
              tensor_keys(construction, geometry.roles, sorted(layers))}
         )
+        self._projections: dict[str, _Projection] = {}
+
+    def project(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """``x @ U_in`` of tensor ``key``, computed once when several projections read the same input.
+
+        q, k and v of a layer read the same hidden states and, in the constructions with a qkv
+        mode, share ``U_in``: the second and third calls reuse the first product (same input
+        object, unmodified input and factor, same grad mode). Input dropout makes a new tensor
+        per call, so each projection then gets its own product, as in LoRA.
+        """
+        factor = self.tensors[key].input_factor()
+        cached: Optional[_Projection] = self._projections.get(key)
+        if cached is not None and cached.is_for(x, factor):
+            return cached.value
+        value = x @ factor.to(x.dtype)
+        self._projections[key] = _Projection(weakref.ref(x), x._version, factor._version, torch.is_grad_enabled(),
+                                             value)
+        return value
+
+    def clear_projections(self) -> None:
+        """Forget reused products: called before and after every forward pass of the model."""
+        self._projections.clear()
 
     def address(self, role: str, layer: int) -> SliceAddress:
         if role not in self.geometry.roles or layer not in self.layer_position:

@@ -57,7 +57,6 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         """scaling * x Delta W^T, through the factors: two thin matmuls per slice, no dense update."""
         bank, scaling = self._banks[adapter_name], self._scaling[adapter_name]
         x = self.tenslora_dropout[adapter_name](x)
-        projected: dict[str, torch.Tensor] = {}  # x @ A, shared by the roles of a fused module
         pieces = []
         for segment in self._segments[adapter_name]:
             address = segment.address
@@ -65,14 +64,11 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
                 pieces.append(x.new_zeros(*x.shape[:-1], segment.stop - segment.start))
                 continue
             tensor = bank.tensor(address.key)
-            a = tensor.input_factor().to(x.dtype)
             b = (tensor.output_matrix(address.index)[:, : address.width] * scaling).to(x.dtype)
             if address.transposed:  # output projection: its update is the slice transposed
-                pieces.append((x @ b.T) @ a.T)
-                continue
-            if address.key not in projected:
-                projected[address.key] = x @ a
-            pieces.append(projected[address.key] @ b)
+                pieces.append((x @ b.T) @ tensor.input_factor().to(x.dtype).T)
+            else:
+                pieces.append(bank.project(address.key, x) @ b)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -114,6 +114,11 @@ class TensLoraModel(BaseTuner):
         if _BANKS not in self._modules:
             self.tenslora_tensors = nn.ModuleDict()
         self.tenslora_tensors[adapter_name] = bank.to(device)
+        if not hasattr(self, "_pass_hooks"):
+            # Products reused within a forward pass must not outlive it: not into the next pass, and not
+            # into the recomputation of a checkpointed layer (which must recompute what it saved).
+            self._pass_hooks = (model.register_forward_pre_hook(self._clear_projections),
+                                model.register_forward_hook(self._clear_projections, always_call=True))
         self._pending_targets = {t.name: t for t in targets}
         self._pending_geometry = geometry
         try:
@@ -123,6 +128,17 @@ class TensLoraModel(BaseTuner):
             raise
         finally:
             del self._pending_targets, self._pending_geometry
+
+    def _clear_projections(self, *hook_args) -> None:
+        for bank in self.tenslora_tensors.values():
+            bank.clear_projections()
+
+    def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for hook in self._pass_hooks:  # the returned model is plain: no hook, no reference to the tensors
+            hook.remove()
+        del self._pass_hooks
+        return model
 
     def _check_target_module_exists(self, peft_config: TensLoraConfig, key: str) -> bool:
         return key in self._pending_targets
