@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from . import budget
+from . import budget as budgets
 from .architectures import geometry_from_config
 from .config import TensLoraConfig
 from .construction import Geometry
@@ -22,23 +22,23 @@ def _geometry_of(config: TensLoraConfig, model_config: Any) -> Geometry:
 
 def count_parameters(config: TensLoraConfig, model_config: Any) -> int:
     """Trainable adapter parameters of ``config`` on a model with ``model_config`` (head excluded)."""
-    return budget.count_adapter_parameters(config.construction, config.factorization, config.ranks,
+    return budgets.count_adapter_parameters(config.construction, config.factorization, config.ranks,
                                            _geometry_of(config, model_config))
 
 
 def lora_parameter_count(rank: int, model_config: Any, roles: Sequence[str] = ("q", "k", "v")) -> int:
     """Parameters of LoRA rank ``rank`` on ``roles`` of every layer (e.g. 2 * r * d * 3 * L for BERT)."""
-    return budget.lora_parameter_count(rank, model_geometry(model_config, roles))
+    return budgets.lora_parameter_count(rank, model_geometry(model_config, roles))
 
 
-def match_budget(construction: str, factorization: str, budget_: int, model_config: Any,
+def match_budget(construction: str, factorization: str, budget: int, model_config: Any,
                  roles: Sequence[str] = ("q", "k", "v"), fixed: Mapping[str, int | str] | None = None,
                  num_heads: int | None = None) -> dict[str, int] | int:
-    """Ranks of ``construction`` whose parameter count is closest to ``budget_`` (the isoparameter condition).
+    """Ranks of ``construction`` whose parameter count is closest to ``budget`` (the isoparameter condition).
 
     Example: ``match_budget("qkv_depth", "tucker", lora_parameter_count(8, cfg), cfg)``.
     """
     config = TensLoraConfig(construction=construction, factorization=factorization, roles=list(roles),
                             num_heads=num_heads)
-    return budget.match_budget(config.construction, config.factorization, budget_, _geometry_of(config, model_config),
+    return budgets.match_budget(config.construction, config.factorization, budget, _geometry_of(config, model_config),
                                fixed)

@@ -40,8 +40,7 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
         raise ValueError("The model has no `config`; TensLoRA reads hidden size, heads and layers from it.")
     geometry = geometry_from_config(model_config, config.roles, config.num_heads)
     layers = sorted({t.layer for t in targets})
-    geometry = Geometry(geometry.hidden_size, geometry.attention_width, len(layers), geometry.roles,
-                        geometry.num_heads, geometry.num_kv_heads)
+    geometry = dataclasses.replace(geometry, num_layers=len(layers))
     geometry.validate(get_construction(config.construction))
     check_geometry(config, geometry)
     for target in targets:
