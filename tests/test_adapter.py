@@ -94,6 +94,17 @@ def test_adapter_matches_dense_oracle_and_merges(model_name, construction, facto
         torch.testing.assert_close(merged(**batch).logits, adapted_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_unload_returns_the_untouched_base_model():
+    base = MODELS["llama"]()
+    batch = inputs("llama")
+    with torch.no_grad():
+        reference = base(**batch).logits
+        model = get_peft_model(base, _config("att_qkv_depth", "tucker", init_weights=False))
+        unloaded = model.unload()
+        assert not any(isinstance(m, TensLoraLayer) for m in unloaded.modules())
+        torch.testing.assert_close(unloaded(**batch).logits, reference, atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize(("construction", "factorization"), COMBINATIONS)
 def test_init_is_the_base_model_and_training_moves_only_adapter_and_head(model_name, construction, factorization):

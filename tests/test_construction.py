@@ -127,3 +127,18 @@ def test_heads_must_divide_the_attention_width():
 def test_att_needs_head_information():
     with pytest.raises(ValueError, match="has no head information"):
         Geometry(hidden_size=32, attention_width=32, num_layers=2).mode_sizes(CONSTRUCTIONS["att_qkv"])
+
+
+def test_budget_functions_read_hugging_face_configs():
+    import transformers
+
+    import tenslora
+
+    roberta_base = transformers.RobertaConfig()  # 768 hidden, 12 layers, 12 heads: no weights are built
+    assert tenslora.lora_parameter_count(8, roberta_base) == 2 * 8 * 768 * 3 * 12
+    ranks = tenslora.match_budget("qkv_depth", "tucker", 2 * 8 * 768 * 3 * 12, roberta_base)
+    config = TensLoraConfig(construction="qkv_depth", ranks=ranks)
+    assert abs(tenslora.count_parameters(config, roberta_base) - 442_368) / 442_368 < 0.05
+    with pytest.raises(ValueError, match="hidden size 30 is not divisible by the number of attention heads 4"):
+        tenslora.count_parameters(TensLoraConfig(construction="att"), {"hidden_size": 30, "num_attention_heads": 4,
+                                                                      "num_hidden_layers": 2})

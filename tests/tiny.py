@@ -40,6 +40,29 @@ def gemma(num_labels: int = 3, seed: int = 0):
     return transformers.GemmaForSequenceClassification(config).eval()
 
 
+def roberta(num_labels: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=37, vocab_size=VOCAB, num_labels=num_labels)
+    return transformers.RobertaForSequenceClassification(config).eval()
+
+
+def mistral(num_labels: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=37, vocab_size=VOCAB,
+                                        num_labels=num_labels, pad_token_id=0)
+    return transformers.MistralForSequenceClassification(config).eval()
+
+
+def qwen2(num_labels: int = 3, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=37, vocab_size=VOCAB,
+                                      num_labels=num_labels, pad_token_id=0)
+    return transformers.Qwen2ForSequenceClassification(config).eval()
+
+
 def gpt2(num_labels: int = 3, seed: int = 0):
     """Fused q/k/v projection (Conv1D ``c_attn``)."""
     torch.manual_seed(seed)
@@ -56,7 +79,8 @@ def distilbert(num_labels: int = 3, seed: int = 0):
 
 
 MODELS = {"bert": bert, "vit": vit, "llama": llama}
-ALL_MODELS = {**MODELS, "gemma": gemma, "gpt2": gpt2, "distilbert": distilbert}
+ALL_MODELS = {**MODELS, "roberta": roberta, "distilbert": distilbert, "mistral": mistral, "qwen2": qwen2,
+              "gemma": gemma, "gpt2": gpt2}
 
 
 def inputs(name: str, batch: int = 2, seed: int = 1) -> dict[str, torch.Tensor]:
