@@ -92,8 +92,9 @@ def worker(args: argparse.Namespace) -> dict:
     batch = make_batch(args.model, args.batch_size, args.seq_len)
     if args.variant in INFERENCE_VARIANTS:
         if args.variant == "infer_merged":
-            import tenslora
             from peft import get_peft_model
+
+            import tenslora
 
             model = get_peft_model(model, tenslora.TensLoraConfig(construction="qkv_depth", ranks=8,
                                                                   init_weights=False)).merge_and_unload()

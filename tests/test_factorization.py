@@ -1,5 +1,7 @@
 """The factorized tensors against an independent dense reconstruction (tensorly)."""
 
+import itertools
+
 import pytest
 import tensorly as tl
 import torch
@@ -31,10 +33,8 @@ def _randomize(tensor: torch.nn.Module) -> None:
 
 def _indices(modes, sizes):
     index_modes = [m for m in modes if m in ("qkv", "depth")]
-    grids = torch.cartesian_prod(*[torch.arange(sizes[m]) for m in index_modes]) if index_modes else [()]
-    for values in grids:
-        values = [values] if index_modes and values.ndim == 0 else values
-        yield {m: int(v) for m, v in zip(index_modes, values)}
+    for values in itertools.product(*(range(sizes[m]) for m in index_modes)):
+        yield dict(zip(index_modes, values, strict=True))
 
 
 @pytest.mark.parametrize("name", sorted(CONSTRUCTIONS))

@@ -10,8 +10,9 @@ passing ``role_patterns`` (and, if needed, ``layer_pattern``) in the TensLoraCon
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .construction import ROLE_NAMES, Geometry
 
@@ -86,7 +87,9 @@ def role_patterns_for(model_type: str | None, role_patterns: Mapping[str, str] |
         )
     missing = [r for r in roles if r not in table]
     if missing:
-        raise ValueError(f"No module pattern for role(s) {missing}; add them to `role_patterns` or drop them from `roles`.")
+        raise ValueError(
+            f"No module pattern for role(s) {missing}; add them to `role_patterns` or drop them from `roles`."
+        )
     return table
 
 

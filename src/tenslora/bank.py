@@ -7,8 +7,9 @@ adapted projection. It knows nothing about models beyond a :class:`Geometry`.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn

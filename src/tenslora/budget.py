@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from .construction import (
     Construction,
@@ -68,7 +68,9 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
 
     unknown = [m for m in fixed if m not in sizes]
     if unknown:
-        raise ValueError(f"`fixed` names mode(s) {unknown} that the '{construction}' construction lacks: {list(sizes)}.")
+        raise ValueError(
+            f"`fixed` names mode(s) {unknown} that the '{construction}' construction lacks: {list(sizes)}."
+        )
     free = [m for m in sizes if m not in fixed]
     if not free:
         ranks = resolve_ranks(spec, "tucker", fixed, sizes)

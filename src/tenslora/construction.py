@@ -23,8 +23,9 @@ This module is pure Python: it knows mode names and sizes, never a model.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Union
 
 ROLE_NAMES = ("q", "k", "v", "o")
 FACTORIZATIONS = ("tucker", "cp")
@@ -190,7 +191,7 @@ def tensor_key(construction: Construction, role: str, layer: int) -> str:
 
 
 def tensor_keys(construction: Construction, roles: Sequence[str], layers: Sequence[int]) -> list[str]:
-    return sorted({tensor_key(construction, r, l) for r in roles for l in layers})
+    return sorted({tensor_key(construction, role, layer) for role in roles for layer in layers})
 
 
 def slice_index(construction: Construction, geometry: Geometry, role: str, layer_position: int) -> dict[str, int]:
@@ -237,7 +238,7 @@ def resolve_tucker_ranks(construction: Construction, ranks: RankSpec, sizes: Map
                 f"The '{construction.name}' construction has {len(modes)} modes {list(modes)} but {len(ranks)} "
                 f"ranks were given ({list(ranks)}). Give one rank per mode in that order, or a dict keyed by mode."
             )
-        explicit = dict(zip(modes, ranks))
+        explicit = dict(zip(modes, ranks, strict=True))
     else:
         raise ValueError(f"`ranks` must be an int, a list or a dict keyed by mode name, got {ranks!r}.")
     resolved = {}

@@ -14,7 +14,7 @@ only to merge weights, is ``(A @ B).T``.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn

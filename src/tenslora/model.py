@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_target_module_exists
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .architectures import Target, config_value, expected_shape, find_targets, geometry_from_config, role_patterns_for, target_regex
+from .architectures import (
+    Target,
+    config_value,
+    expected_shape,
+    find_targets,
+    geometry_from_config,
+    role_patterns_for,
+    target_regex,
+)
 from .bank import TensorBank
 from .config import TensLoraConfig
 from .construction import Geometry, get_construction
@@ -42,7 +50,6 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
     layers = sorted({t.layer for t in targets})
     geometry = dataclasses.replace(geometry, num_layers=len(layers))
     geometry.validate(get_construction(config.construction))
-    check_geometry(config, geometry)
     for target in targets:
         module = modules[target.name]
         module = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
@@ -60,6 +67,7 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
     missing_roles = [r for r in geometry.roles if r not in {role for t in targets for role in t.roles}]
     if missing_roles:
         raise ValueError(f"No module was found for role(s) {missing_roles}; fix `role_patterns` or `roles`.")
+    check_geometry(config, geometry)
     return targets, geometry
 
 
