@@ -1,0 +1,26 @@
+"""Task scores from predictions, with scikit-learn: accuracy, Matthews correlation (CoLA), binary F1 (MRPC)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from .tasks import TaskSpec
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "accuracy": accuracy_score,
+    "matthews_correlation": matthews_corrcoef,
+    "f1": f1_score,  # binary: the F1 of class 1 (MRPC's "equivalent")
+}
+
+
+def compute_metrics(spec: TaskSpec, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
+    """The task's scores; ``predictions`` are class ids or logits (one row per example, argmax taken)."""
+    predicted = np.asarray(predictions)
+    if predicted.ndim == 2:
+        predicted = predicted.argmax(axis=-1)
+    labels = np.asarray(labels)
+    return {name: float(METRICS[name](labels, predicted)) for name in spec.metrics}
