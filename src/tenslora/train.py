@@ -1,0 +1,230 @@
+"""``run_training(options) -> metrics``: one fine-tuning run with ``transformers.Trainer``.
+
+The Trainer brings the loop, checkpoints (every epoch), resuming, gradient accumulation, the
+progress bar, logging and multi-process launch (``torchrun``/``accelerate launch``); this module
+only builds what it trains and records what it measured. Files of our own are written by the
+main process only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from peft import get_peft_model
+from torch import nn
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator, set_seed
+
+from . import inputs
+from .api import count_parameters
+from .modeling import build_classifier, default_model, load_preprocessor, load_trained_model, resolve_pooling
+from .options import DATA_SOURCE_KEYS, TrainOptions, adapter_config, options_from_mapping
+from .runs import (
+    HISTORY_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    HistoryCallback,
+    check_run_dir,
+    history_rows,
+    last_checkpoint,
+    read_json,
+    read_run,
+    write_json,
+)
+
+HEAD_NAMES = ("classifier", "score")  # what transformers calls the head (and PEFT trains for SEQ_CLS)
+
+
+@dataclass
+class Prepared:
+    """A model ready to train, with its data."""
+
+    model: nn.Module
+    preprocessor: Any
+    data: inputs.TaskData
+    run: dict[str, Any]  # the content of run.json
+
+
+def default_output_dir(options: TrainOptions) -> str:
+    """``runs/<task>-<method>-seed<seed>``: the same for every process of a distributed launch."""
+    return os.path.join("runs", f"{options.task_name}-{options.method}-seed{options.seed}")
+
+
+def has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator else torch.cuda.is_available()
+
+
+def use_bf16(option: bool | None) -> bool:
+    """The ``bf16`` option, by default on where the hardware computes bfloat16 natively (1.6x faster on CPU)."""
+    if option is not None:
+        return option
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if has_accelerator():
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def freeze_all_but_head(model: nn.Module) -> None:
+    """The head-only baseline: the pretrained model frozen, the classification head trained."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.split(".")[0] in HEAD_NAMES
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+def prepare(options: TrainOptions) -> Prepared:
+    """Data, pre-processing and the model (with its adapter, or frozen for ``head_only``)."""
+    with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
+        data = inputs.load(options)
+    model_name = options.model or default_model(data.modality)
+    preprocessor = load_preprocessor(model_name, data.modality)  # first: it names a model that cannot be loaded
+    pooling = resolve_pooling(model_name, options.pooling) if data.modality == "text" else None
+    set_seed(options.seed)  # the head's and the adapter's initialization
+    model = build_classifier(model_name, data.labels, data.modality, pooling, pad_token_id=_pad_id(preprocessor))
+    run = {"options": options.identity(), "model": model_name, "modality": data.modality, "pooling": pooling,
+           "labels": list(data.labels)}
+    if options.head_only:
+        freeze_all_but_head(model)
+    else:
+        task_type = "SEQ_CLS" if data.modality == "text" else None
+        config = adapter_config(options, model.config, task_type, modules_to_save=None if task_type else ["classifier"])
+        run["adapter_parameters"] = count_parameters(config, model.config)
+        model = get_peft_model(model, config)
+        run["adapter"] = {"construction": config.construction, "factorization": config.factorization,
+                          "ranks": config.ranks}
+    run["trainable_parameters"] = trainable_parameters(model)
+    with PartialState().main_process_first():
+        data = inputs.encode(data, preprocessor, options)
+    return Prepared(model, preprocessor, data, run)
+
+
+def _pad_id(preprocessor: Any) -> int | None:
+    return getattr(preprocessor, "pad_token_id", None)
+
+
+def training_arguments(options: TrainOptions, output_dir: str, **overrides: Any) -> TrainingArguments:
+    """The Trainer's settings: evaluation and a checkpoint every epoch, cosine schedule, tqdm, no reporting."""
+    values = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=2 * options.batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation,
+        learning_rate=options.lr,
+        weight_decay=options.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=options.warmup_ratio,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        logging_strategy="steps",
+        logging_steps=0.1,
+        bf16=use_bf16(options.bf16),
+        use_cpu=not has_accelerator(),
+        seed=options.seed,
+        report_to="none",
+        remove_unused_columns=False,  # the encoded datasets hold the model's inputs only
+        disable_tqdm=False,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def make_trainer(prepared: Prepared, arguments: TrainingArguments, callbacks: list | None = None) -> Trainer:
+    collator = (DataCollatorWithPadding(prepared.preprocessor) if prepared.data.modality == "text"
+                else default_data_collator)
+    return Trainer(model=prepared.model, args=arguments, train_dataset=prepared.data.splits["train"],
+                   eval_dataset=prepared.data.splits["validation"], data_collator=collator,
+                   processing_class=prepared.preprocessor, compute_metrics=prepared.data.compute_metrics,
+                   callbacks=callbacks)
+
+
+def run_training(options: TrainOptions) -> dict[str, Any]:
+    """Train, evaluate on the test split, save the adapter; return what ``metrics.json`` holds.
+
+    With ``options.resume`` an interrupted run continues from its last complete checkpoint, and a
+    finished one is returned as recorded. Writes ``run.json`` at the start, ``history.csv`` after
+    every epoch, the adapter and ``metrics.json`` at the end, all in ``options.output_dir``.
+    """
+    torch.set_num_threads(options.threads or 1)
+    start = time.monotonic()
+    output_dir = options.output_dir or default_output_dir(options)
+    state = PartialState()
+    finished = check_run_dir(output_dir, options.identity(), options.resume)
+    if finished:
+        return read_json(os.path.join(output_dir, METRICS_FILE))
+    prepared = prepare(options)
+    state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    if state.is_main_process:
+        write_json(os.path.join(output_dir, RUN_FILE), prepared.run)
+    trainer = make_trainer(prepared, training_arguments(options, output_dir),
+                           callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE))])
+    checkpoint = last_checkpoint(output_dir) if options.resume else None
+    trained = trainer.train(resume_from_checkpoint=checkpoint)
+    history = history_rows(trainer.state.log_history)
+    if not history or history[-1]["step"] != trainer.state.global_step:  # max_steps stopped mid-epoch
+        trainer.evaluate()
+        history = history_rows(trainer.state.log_history)
+    test = trainer.evaluate(prepared.data.splits["test"], metric_key_prefix="test")
+    trainer.save_model(output_dir)
+    metrics = {
+        "task": options.task_name,
+        "method": options.method,
+        "test": _strip(test, "test_"),
+        "validation": _strip(history[-1], "eval_"),
+        "trainable_parameters": prepared.run["trainable_parameters"],
+        "adapter_parameters": prepared.run.get("adapter_parameters", 0),
+        "adapter": prepared.run.get("adapter"),
+        "seed": options.seed,
+        "epochs": trainer.state.epoch,
+        "steps": trainer.state.global_step,
+        "train_samples": len(prepared.data.splits["train"]),
+        "train_runtime_s": trained.metrics.get("train_runtime"),
+        "wall_time_s": round(time.monotonic() - start, 1),
+        "resumed_from": checkpoint,
+        "model": prepared.run["model"],
+        "output_dir": output_dir,
+        "options": options.identity(),
+    }
+    if trainer.is_world_process_zero():
+        write_json(os.path.join(output_dir, METRICS_FILE), metrics)
+    return metrics
+
+
+def evaluate_run(run_dir: str, split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores of a trained run on ``split`` of its own data, or of the data ``overrides`` name.
+
+    The data must have the run's classes, in the same order (the head's outputs follow it).
+    """
+    run = read_run(run_dir)
+    overrides = dict(overrides or {})
+    recorded = dict(run["options"])
+    if any(key in overrides for key in DATA_SOURCE_KEYS):
+        for key in DATA_SOURCE_KEYS:
+            recorded.pop(key, None)
+    options = options_from_mapping({**recorded, **overrides})
+    torch.set_num_threads(options.threads or 1)
+    model, preprocessor = load_trained_model(run_dir, run)
+    task = inputs.load(options)
+    if task.labels != run["labels"]:
+        raise ValueError(f"The data's classes {task.labels[:5]}... differ from the run's {run['labels'][:5]}...; "
+                         "evaluate on data with the classes the run was trained on.")
+    task = inputs.encode(task, preprocessor, options)
+    prepared = Prepared(model, preprocessor, task, run)
+    trainer = make_trainer(prepared, training_arguments(options, run_dir))
+    return trainer.evaluate(task.splits[split], metric_key_prefix=split)
+
+
+def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {key[len(prefix):]: value for key, value in metrics.items() if key.startswith(prefix)}
