@@ -86,7 +86,7 @@ def test_config_file_with_flags_overriding_it(tiny, tmp_path, capsys):  # noqa: 
 
 @pytest.mark.parametrize("case", ["missing file", "unknown task", "missing label column", "missing text column",
                                   "unseen label", "no attention projections", "impossible budget", "bad ranks",
-                                  "missing config", "missing model", "both sources"])
+                                  "missing config", "missing model", "both sources", "columns of a task"])
 def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, capsys):  # noqa: F811
     files = write_text_files(tmp_path / "data", labels=("a", "b"))
     unseen = write_text_files(tmp_path / "unseen", sizes={"validation": 6}, labels=("a", "c"))["validation"]
@@ -104,6 +104,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, capsys):  #
         "missing config": (["train", "--config", str(tmp_path / "none.yaml")], "Config file"),
         "missing model": ([*own, "--model", str(tmp_path / "no-model")], "Cannot load"),
         "both sources": ([*own, "--task", "glue-mrpc"], "Give one source of data"),
+        "columns of a task": (["train", "--task", "glue-mrpc", "--text-column", "x"], "give --train-file too"),
     }[case]
     if case == "unknown task":  # argparse's own usage error, also exit code 2
         with pytest.raises(SystemExit) as exit_info:

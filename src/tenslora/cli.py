@@ -13,8 +13,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from accelerate import PartialState
+
 from .data import BUILTIN_TASKS
+from .data.metrics import METRICS
+from .export import merge_run
+from .modeling import default_text_model, load_model_config
 from .options import DEFAULT_RUN_SAMPLES, DEFAULT_TASK, TrainOptions, options_from_mapping, read_config_file
+from .params import format_parameter_table
+from .train import evaluate_run, run_training
 
 _DEFAULTS = TrainOptions(task=DEFAULT_TASK)  # the plain field defaults, for the help text
 
@@ -89,19 +96,19 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "not trained again)")
 
 
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainOptions`` fields given as flags (every flag defaults to None when absent)."""
+    names = {field.name for field in dataclasses.fields(TrainOptions)}
+    return {name: value for name, value in vars(args).items() if name in names and value is not None}
+
+
 def train_options(args: argparse.Namespace) -> TrainOptions:
     """The config file's options, overridden by the flags given on the command line."""
-    names = {field.name for field in dataclasses.fields(TrainOptions)}
-    flags = {name: value for name, value in vars(args).items() if name in names and value is not None}
     values = read_config_file(args.config) if args.config else {}
-    return options_from_mapping({**values, **flags})
+    return options_from_mapping({**values, **given_options(args)})
 
 
 def command_train(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from .train import run_training
-
     metrics = run_training(train_options(args))
     if PartialState().is_main_process:
         print(format_training_report(metrics))
@@ -110,8 +117,8 @@ def command_train(args: argparse.Namespace) -> int:
 
 def format_training_report(metrics: dict[str, Any]) -> str:
     """The lines printed at the end of a run: test metrics, parameters, where the files are."""
-    test = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items() if name in _SCORES)
-    validation = ", ".join(f"{name} {value:.4f}" for name, value in metrics["validation"].items() if name in _SCORES)
+    test = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items() if name in METRICS)
+    validation = ", ".join(f"{name} {value:.4f}" for name, value in metrics["validation"].items() if name in METRICS)
     head = metrics["trainable_parameters"] - metrics["adapter_parameters"]
     directory = metrics["output_dir"]
     lines = [
@@ -125,24 +132,14 @@ def format_training_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_SCORES = ("accuracy", "f1", "matthews_correlation", "mcc")
-
-
 def command_eval(args: argparse.Namespace) -> int:
-    from .train import evaluate_run
-
-    names = {field.name for field in dataclasses.fields(TrainOptions)}
-    overrides = {name: value for name, value in vars(args).items() if name in names and value is not None}
-    metrics = evaluate_run(args.run_dir, args.split, overrides)
+    metrics = evaluate_run(args.run_dir, args.split, given_options(args))
     for name, value in metrics.items():
         print(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
     return 0
 
 
 def command_params(args: argparse.Namespace) -> int:
-    from .modeling import default_text_model, load_model_config
-    from .params import format_parameter_table
-
     model = args.model or default_text_model()
     roles = [role.strip() for role in args.roles.split(",")]
     print(format_parameter_table(load_model_config(model), model, args.lora_rank, roles, args.factorization))
@@ -150,8 +147,6 @@ def command_params(args: argparse.Namespace) -> int:
 
 
 def command_merge(args: argparse.Namespace) -> int:
-    from .export import merge_run
-
     out = merge_run(args.run_dir, args.out_dir)
     print(f"merged model written to {out}/ (loads without tenslora; see docs/cli.md)")
     return 0
@@ -212,3 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(error).split())  # one line, whatever the message
         print(f"tenslora {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = " (continue a training run with the same command and --resume)" if args.command == "train" else ""
+        print(f"tenslora {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130

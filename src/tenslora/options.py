@@ -61,7 +61,7 @@ class TrainOptions:
     role_patterns: Optional[dict] = None  # for models TensLoRA does not know (config file only)
     head_only: bool = False  # the baseline: train the classification head only, no adapter
     # The optimization
-    lr: float = 1e-3
+    lr: float = 1e-2  # for short runs: a zero-core Tucker adapter needs a large step to start (see docs)
     epochs: float = 2.0
     max_steps: Optional[int] = None
     batch_size: int = 32
@@ -96,6 +96,13 @@ class TrainOptions:
                              "--train-file, or --image-root alone for your own image folder.")
         if self.data_dir and not self.task:
             raise ValueError("--data-dir is the local copy of a built-in task's data: give --task too.")
+        file_options = ("validation_file", "test_file", "text_column", "text_pair_column", "label_column")
+        given = [f"--{name.replace('_', '-')}" for name in file_options if getattr(self, name)]
+        if given and not self.train_file:
+            raise ValueError(f"{', '.join(given)} describe your own files: give --train-file too (built-in tasks "
+                             "know their columns).")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio is a share of the training steps, in [0, 1); got {self.warmup_ratio}.")
 
     @property
     def task_name(self) -> str:

@@ -55,6 +55,7 @@ def default_output_dir(options: TrainOptions) -> str:
 
 
 def has_accelerator() -> bool:
+    """A GPU or another accelerator torch can train on (else the Trainer must be told ``use_cpu``)."""
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     return accelerator.is_available() if accelerator else torch.cuda.is_available()
 
@@ -90,7 +91,8 @@ def prepare(options: TrainOptions) -> Prepared:
     preprocessor = load_preprocessor(model_name, data.modality)  # first: it names a model that cannot be loaded
     pooling = resolve_pooling(model_name, options.pooling) if data.modality == "text" else None
     set_seed(options.seed)  # the head's and the adapter's initialization
-    model = build_classifier(model_name, data.labels, data.modality, pooling, pad_token_id=_pad_id(preprocessor))
+    model = build_classifier(model_name, data.labels, data.modality, pooling,
+                             pad_token_id=getattr(preprocessor, "pad_token_id", None))
     run = {"options": options.identity(), "model": model_name, "modality": data.modality, "pooling": pooling,
            "labels": list(data.labels)}
     if options.head_only:
@@ -108,13 +110,9 @@ def prepare(options: TrainOptions) -> Prepared:
     return Prepared(model, preprocessor, data, run)
 
 
-def _pad_id(preprocessor: Any) -> int | None:
-    return getattr(preprocessor, "pad_token_id", None)
-
-
-def training_arguments(options: TrainOptions, output_dir: str, **overrides: Any) -> TrainingArguments:
+def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArguments:
     """The Trainer's settings: evaluation and a checkpoint every epoch, cosine schedule, tqdm, no reporting."""
-    values = dict(
+    return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=options.batch_size,
         per_device_eval_batch_size=2 * options.batch_size,
@@ -137,8 +135,6 @@ def training_arguments(options: TrainOptions, output_dir: str, **overrides: Any)
         remove_unused_columns=False,  # the encoded datasets hold the model's inputs only
         disable_tqdm=False,
     )
-    values.update(overrides)
-    return TrainingArguments(**values)
 
 
 def make_trainer(prepared: Prepared, arguments: TrainingArguments, callbacks: list | None = None) -> Trainer:
@@ -187,6 +183,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         "adapter_parameters": prepared.run.get("adapter_parameters", 0),
         "adapter": prepared.run.get("adapter"),
         "seed": options.seed,
+        "bf16": trainer.args.bf16,
         "epochs": trainer.state.epoch,
         "steps": trainer.state.global_step,
         "train_samples": len(prepared.data.splits["train"]),
