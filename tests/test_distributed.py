@@ -3,16 +3,25 @@
 Two processes with b examples each per step must end where one process with 2b examples ends: every loss
 here is a mean over its batch and dropout is off, DDP averages the two halves' gradients, and both runs
 see the same examples in every step (process r takes every other example of the global batch, as
-``DistributedSampler`` does). The processes are started with ``torch.multiprocessing`` (gloo, CPU).
+``DistributedSampler`` does). The library is tested first, in processes started with
+``torch.multiprocessing``; then the ``tenslora train`` command under ``torchrun`` and ``accelerate launch``,
+which is what users run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import pytest
@@ -20,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.distributed.tensor import DTensor
@@ -28,6 +38,9 @@ from torch.nn.parallel import DistributedDataParallel
 import tiny
 from tenslora import TensLoraConfig
 from tenslora.distributed import fully_shard_model
+from tenslora.options import TrainOptions
+from tenslora.train import run_training
+from tiny_tasks import save_text_model, write_pair_task
 
 WORLD = 2
 PER_PROCESS = 2  # examples per process and micro-batch
@@ -38,6 +51,8 @@ TIMEOUT = 240  # seconds for one multi-process launch on a loaded 2-core machine
 
 @dataclass(frozen=True)
 class Scenario:
+    """One way of training the same model in two processes."""
+
     construction: str = "qkv_depth"  # qkv_depth: one tensor for every layer; att: one per role and layer
     inactive_adapter: bool = False  # a second adapter, not trained, beside the active one
     accumulation: int = 1  # micro-batches per optimizer step in each process
@@ -112,8 +127,11 @@ def count_projection_clears(model: PeftModel) -> list[int]:
     """Calls of every bank's ``clear_projections`` (the model's forward pre/post hooks), appended to a list."""
     calls: list[int] = []
     for bank in model.base_model.tenslora_tensors.values():
-        clear = bank.clear_projections
-        bank.clear_projections = lambda clear=clear: (calls.append(1), clear())[1]
+        def counted(clear: Callable[[], None] = bank.clear_projections) -> None:
+            calls.append(1)
+            clear()
+
+        bank.clear_projections = counted
     return calls
 
 
@@ -123,6 +141,11 @@ def train_distributed(scenario: Scenario, rank: int) -> dict[str, Any]:
     clears = count_projection_clears(model)
     reduced: list[int] = []  # elements all-reduced by DDP, per bucket
     per_step: list[int] = []
+
+    def end_step() -> None:
+        per_step.append(sum(reduced))
+        reduced.clear()
+
     if scenario.engine == "fsdp2":
         wrapped = fully_shard_model(model)
     else:
@@ -133,7 +156,7 @@ def train_distributed(scenario: Scenario, rank: int) -> dict[str, Any]:
             return allreduce_hook(None, bucket)
 
         wrapped.register_comm_hook(None, count_and_reduce)
-    train(wrapped, scenario, rank, WORLD, after_step=lambda: (per_step.append(sum(reduced)), reduced.clear()))
+    train(wrapped, scenario, rank, WORLD, after_step=end_step)
     banks = model.base_model.tenslora_tensors
     return {
         "weights": trained_weights(model),
@@ -213,3 +236,143 @@ def test_fsdp2_keeps_the_shared_factors_sharded_in_the_root_unit(distributed):
 def test_fsdp2_refuses_a_unit_that_holds_the_factors():
     with pytest.raises(ValueError, match="must stay in the root FSDP unit"):
         fully_shard_model(build_model(Scenario()), block_classes=["TensLoraModel"])
+
+
+# The command line: `tenslora train` launched in two processes, against one process with twice the batch.
+
+RUN = dict(task="glue-mrpc", epochs=2, lr=1e-2, max_length=32, max_train_samples=32)  # float32; 4 steps an epoch
+TORCHRUN = ["torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]  # `torchrun`: a free port
+ACCELERATE_CONFIG = f"""\
+# `accelerate config` on a machine with {WORLD} GPUs writes this; without GPUs, MULTI_GPU runs the same
+# torch.distributed launcher and the Trainer trains on CPU with gloo.
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: 1
+num_processes: {WORLD}
+rdzv_backend: c10d
+main_process_port: 0
+mixed_precision: 'no'
+"""
+# Installed as `sitecustomize` in the launched processes: every process of rank > 0 logs the files it
+# writes, renames or deletes in the run's folder (Python-level writes: the Trainer's and ours).
+WRITE_AUDIT = """\
+import os, sys
+if os.environ.get("RANK", "0") != "0" and "TENSLORA_AUDITED_DIR" in os.environ:
+    _watched = os.environ["TENSLORA_AUDITED_DIR"]
+    _log = open(os.environ["TENSLORA_AUDIT_LOG"] + ".rank" + os.environ["RANK"], "a", buffering=1)
+
+    def _audit(event, args):
+        if event not in ("open", "os.rename", "os.remove", "shutil.rmtree"):
+            return
+        if not isinstance(args[0], (str, bytes, os.PathLike)):
+            return
+        if event == "open" and not (set(args[1] or "") & set("wax+")
+                                    or args[1] is None and args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            return
+        path = os.path.abspath(os.fsdecode(args[0]))
+        if path.startswith(_watched):
+            _log.write(event + " " + os.path.relpath(path, _watched) + "\\n")
+
+    sys.addaudithook(_audit)
+"""
+
+
+@pytest.fixture(scope="module")
+def cli_root(tmp_path_factory) -> Path:
+    """A tiny saved BERT (dropout off), MRPC-shaped data, the accelerate config and the write audit."""
+    root = tmp_path_factory.mktemp("cli")
+    model = save_text_model(root / "bert", sentence_transformers=True)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    write_pair_task(root / "mrpc")
+    (root / "accelerate.yaml").write_text(ACCELERATE_CONFIG)
+    (root / "audit").mkdir()
+    (root / "audit" / "sitecustomize.py").write_text(WRITE_AUDIT)
+    return root
+
+
+def run_options(root: Path) -> dict[str, Any]:
+    return dict(RUN, data_dir=str(root / "mrpc"), model=str(root / "bert"))
+
+
+def launch(launcher: list[str], root: Path, out: Path, *extra: str) -> None:
+    """``python -m <launcher> -m tenslora train`` with per-process batch 4, auditing the writes into ``out``."""
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in run_options(root).items()]
+    command = [sys.executable, "-m", *launcher, "-m", "tenslora", "train", *flags, "--no-bf16", "--batch-size=4",
+               f"--output-dir={out}", *extra]
+    python_path = [str(root / "audit"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(python_path), TENSLORA_AUDITED_DIR=str(out),
+               TENSLORA_AUDIT_LOG=str(root / out.name))
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def writes_of_other_ranks(root: Path, out: Path) -> list[str]:
+    """What the processes of rank > 0 wrote into ``out``, but their own RNG state in checkpoints."""
+    own_rng_state = re.compile(r"open checkpoint-\d+/rng_state_(\d+)\.pth")
+    lines = []
+    for log in root.glob(f"{out.name}.rank*"):
+        rank = log.name.rsplit("rank", 1)[1]
+        lines += [line for line in log.read_text().splitlines()
+                  if not ((match := own_rng_state.fullmatch(line)) and match.group(1) == rank)]
+    return lines
+
+
+def adapter_difference(first: Path, second: Path) -> float:
+    first, second = (load_file(folder / "adapter_model.safetensors") for folder in (first, second))
+    assert first.keys() == second.keys() and any("tenslora_tensors" in key for key in first)
+    return max((first[key] - second[key]).abs().max().item() for key in first)
+
+
+# Open in `tenslora train` (src/tenslora/train.py; docs/distributed.md, "Known issues"): drop a marker once fixed.
+LOSS_SCALED_BY_PROCESSES = pytest.mark.xfail(
+    strict=True, reason="the Trainer takes the heads' mean loss for one summed over `num_items_in_batch` and "
+    "multiplies it by the number of processes (set `trainer.model_accepts_loss_kwargs = False`)")
+EVERY_PROCESS_MAIN_ON_CPU = pytest.mark.xfail(
+    strict=True, reason="`PartialState()` without `cpu=True` sets up no process group on CPU: every process "
+    "writes run.json, and `wait_for_everyone`/`main_process_first` do not wait, until the Trainer starts")
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(cli_root) -> Path:
+    """``torchrun --nproc-per-node 2 -m tenslora train ... --batch-size 4``, run to the end."""
+    out = cli_root / "torchrun"
+    launch(TORCHRUN, cli_root, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed_run(cli_root, torchrun_run) -> Path:
+    """The same run killed after its first checkpoint, continued with ``accelerate launch ... --resume``."""
+    out = cli_root / "resumed"
+    first = min(torchrun_run.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    out.mkdir()
+    shutil.copy(torchrun_run / "run.json", out)  # run.json and the first checkpoint: what a kill in epoch 2 leaves
+    shutil.copytree(first, out / first.name)
+    launch(["accelerate.commands.launch", f"--config_file={cli_root / 'accelerate.yaml'}"], cli_root, out,
+           "--resume")
+    return out
+
+
+@LOSS_SCALED_BY_PROCESSES
+def test_torchrun_reaches_the_adapter_of_one_process_with_double_batch(cli_root, torchrun_run, tmp_path):
+    single = run_training(TrainOptions(**run_options(cli_root), bf16=False, batch_size=8,
+                                       output_dir=str(tmp_path / "single")))
+    assert json.loads((torchrun_run / "metrics.json").read_text())["steps"] == single["steps"] == 8
+    assert adapter_difference(torchrun_run, tmp_path / "single") <= TOLERANCE
+
+
+def test_accelerate_launch_resumes_a_multi_process_run(torchrun_run, resumed_run):
+    metrics = json.loads((resumed_run / "metrics.json").read_text())
+    assert Path(metrics["resumed_from"]).parent == resumed_run and metrics["steps"] == 8
+    with open(resumed_run / "history.csv") as handle:
+        assert [float(row["epoch"]) for row in csv.DictReader(handle)] == [1.0, 2.0]
+    assert adapter_difference(resumed_run, torchrun_run) <= TOLERANCE
+
+
+@EVERY_PROCESS_MAIN_ON_CPU
+def test_only_the_main_process_writes_the_run_files(cli_root, torchrun_run, resumed_run):
+    for run in (torchrun_run, resumed_run):
+        assert list(cli_root.glob(f"{run.name}.rank1")), "the write audit did not run in the second process"
+        assert writes_of_other_ranks(cli_root, run) == []
