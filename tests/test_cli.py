@@ -165,9 +165,7 @@ def _logits_without_tenslora(folder: Path, tmp_path: Path, texts: list[str], rem
     return torch.load(tmp_path / "logits.pt")
 
 
-@pytest.mark.parametrize("head", ["mean", "cls", pytest.param("roberta", marks=pytest.mark.xfail(
-    raises=AttributeError, reason="core: TensLoraModel.merge_and_unload fails on a non-Linear modules_to_save head "
-    "(BaseTuner._replace_module reads child.weight); LoraModel overrides _replace_module"))])
+@pytest.mark.parametrize("head", ["mean", "cls", "roberta"])
 def test_merge_saves_a_model_that_loads_without_tenslora(head, mean_run, tiny, tmp_path):  # noqa: F811
     """Mean pooling (remote code saved in the folder), the stock BERT head, RoBERTa's two-layer head."""
     run = mean_run

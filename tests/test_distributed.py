@@ -325,15 +325,6 @@ def adapter_difference(first: Path, second: Path) -> float:
     return max((first[key] - second[key]).abs().max().item() for key in first)
 
 
-# Open in `tenslora train` (src/tenslora/train.py; docs/distributed.md, "Known issues"): drop a marker once fixed.
-LOSS_SCALED_BY_PROCESSES = pytest.mark.xfail(
-    strict=True, reason="the Trainer takes the heads' mean loss for one summed over `num_items_in_batch` and "
-    "multiplies it by the number of processes (set `trainer.model_accepts_loss_kwargs = False`)")
-EVERY_PROCESS_MAIN_ON_CPU = pytest.mark.xfail(
-    strict=True, reason="`PartialState()` without `cpu=True` sets up no process group on CPU: every process "
-    "writes run.json, and `wait_for_everyone`/`main_process_first` do not wait, until the Trainer starts")
-
-
 @pytest.fixture(scope="module")
 def torchrun_run(cli_root) -> Path:
     """``torchrun --nproc-per-node 2 -m tenslora train ... --batch-size 4``, run to the end."""
@@ -355,7 +346,6 @@ def resumed_run(cli_root, torchrun_run) -> Path:
     return out
 
 
-@LOSS_SCALED_BY_PROCESSES
 def test_torchrun_reaches_the_adapter_of_one_process_with_double_batch(cli_root, torchrun_run, tmp_path):
     single = run_training(TrainOptions(**run_options(cli_root), bf16=False, batch_size=8,
                                        output_dir=str(tmp_path / "single")))
@@ -371,7 +361,6 @@ def test_accelerate_launch_resumes_a_multi_process_run(torchrun_run, resumed_run
     assert adapter_difference(resumed_run, torchrun_run) <= TOLERANCE
 
 
-@EVERY_PROCESS_MAIN_ON_CPU
 def test_only_the_main_process_writes_the_run_files(cli_root, torchrun_run, resumed_run):
     for run in (torchrun_run, resumed_run):
         assert list(cli_root.glob(f"{run.name}.rank1")), "the write audit did not run in the second process"

@@ -66,7 +66,11 @@ def test_every_supported_architecture_round_trips(model_name, tmp_path):
     build = ALL_MODELS[model_name]
     construction = "att_qkv_depth" if model_name != "gpt2" else "qkv_depth"
     model = get_peft_model(build(), TensLoraConfig(construction=construction, ranks=2, init_weights=False,
-                                                   roles=["q", "k", "v", "o"]))
+                                                   roles=["q", "k", "v", "o"], task_type="SEQ_CLS"))
+    with torch.no_grad():  # the classification head (RoBERTa's has two layers) is trained and saved too
+        for name, parameter in model.named_parameters():
+            if "modules_to_save" in name:
+                parameter.add_(0.1)
     layers = [m for m in model.modules() if isinstance(m, TensLoraLayer)]
     assert len(layers) == (4 if model_name == "gpt2" else 8)  # gpt2: fused c_attn + c_proj per layer
     batch = inputs(model_name)

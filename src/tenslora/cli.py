@@ -13,15 +13,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from accelerate import PartialState
-
 from .data import BUILTIN_TASKS
 from .data.metrics import METRICS
 from .export import merge_run
 from .modeling import default_text_model, load_model_config
 from .options import DEFAULT_RUN_SAMPLES, DEFAULT_TASK, TrainOptions, options_from_mapping, read_config_file
 from .params import format_parameter_table
-from .train import evaluate_run, run_training
+from .train import evaluate_run, process_state, run_training
 
 _DEFAULTS = TrainOptions(task=DEFAULT_TASK)  # the plain field defaults, for the help text
 
@@ -110,7 +108,7 @@ def train_options(args: argparse.Namespace) -> TrainOptions:
 
 def command_train(args: argparse.Namespace) -> int:
     metrics = run_training(train_options(args))
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(format_training_report(metrics))
     return 0
 

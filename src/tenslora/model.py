@@ -159,6 +159,16 @@ class TensLoraModel(BaseTuner):
         if layer is not target:
             self._replace_module(parent, target_name, layer, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put ``new_module`` in ``child``'s place, nothing more.
+
+        PEFT's default also copies ``child.weight`` and moves the new module to its device. A
+        ``TensLoraLayer`` keeps its base layer and owns no tensor (they live in the bank), and the module
+        that unloading puts back (the base layer, or a ``modules_to_save`` copy such as RoBERTa's two-layer
+        head, which has no ``weight``) is already whole and in place.
+        """
+        setattr(parent, child_name, new_module)
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._set_bank_requires_grad(adapter_name, inference_mode)

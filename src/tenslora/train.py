@@ -60,6 +60,15 @@ def has_accelerator() -> bool:
     return accelerator.is_available() if accelerator else torch.cuda.is_available()
 
 
+def process_state() -> PartialState:
+    """The processes of this launch (``torchrun``, ``accelerate launch``), as the Trainer will see them.
+
+    Without ``cpu=True`` (which the Trainer passes only later), ``PartialState()`` sets up no process
+    group on a machine without accelerator: every process would take itself for the main one.
+    """
+    return PartialState(cpu=not has_accelerator())
+
+
 def use_bf16(option: bool | None) -> bool:
     """The ``bf16`` option, by default on where the hardware computes bfloat16 natively (1.6x faster on CPU)."""
     if option is not None:
@@ -85,7 +94,7 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def prepare(options: TrainOptions) -> Prepared:
     """Data, pre-processing and the model (with its adapter, or frozen for ``head_only``)."""
-    with PartialState().main_process_first():  # one process fills the datasets cache, the others read it
+    with process_state().main_process_first():  # one process fills the datasets cache, the others read it
         data = inputs.load(options)
     model_name = options.model or default_model(data.modality)
     preprocessor = load_preprocessor(model_name, data.modality)  # first: it names a model that cannot be loaded
@@ -105,7 +114,7 @@ def prepare(options: TrainOptions) -> Prepared:
         run["adapter"] = {"construction": config.construction, "factorization": config.factorization,
                           "ranks": config.ranks}
     run["trainable_parameters"] = trainable_parameters(model)
-    with PartialState().main_process_first():
+    with process_state().main_process_first():
         data = inputs.encode(data, preprocessor, options)
     return Prepared(model, preprocessor, data, run)
 
@@ -133,6 +142,7 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         seed=options.seed,
         report_to="none",
         remove_unused_columns=False,  # the encoded datasets hold the model's inputs only
+        ddp_find_unused_parameters=False,  # every trained tensor is used in every step: skip DDP's graph search
         disable_tqdm=False,
     )
 
@@ -140,10 +150,15 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
 def make_trainer(prepared: Prepared, arguments: TrainingArguments, callbacks: list | None = None) -> Trainer:
     collator = (DataCollatorWithPadding(prepared.preprocessor) if prepared.data.modality == "text"
                 else default_data_collator)
-    return Trainer(model=prepared.model, args=arguments, train_dataset=prepared.data.splits["train"],
-                   eval_dataset=prepared.data.splits["validation"], data_collator=collator,
-                   processing_class=prepared.preprocessor, compute_metrics=prepared.data.compute_metrics,
-                   callbacks=callbacks)
+    trainer = Trainer(model=prepared.model, args=arguments, train_dataset=prepared.data.splits["train"],
+                      eval_dataset=prepared.data.splits["validation"], data_collator=collator,
+                      processing_class=prepared.preprocessor, compute_metrics=prepared.data.compute_metrics,
+                      callbacks=callbacks)
+    # Every head here returns the mean loss of its batch. Seeing `**kwargs` in `forward`, the Trainer would
+    # assume a loss summed over `num_items_in_batch`: it would multiply the loss by the number of processes
+    # and not divide it by the gradient-accumulation steps (2x the gradient on 2 processes or with 2 steps).
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 def run_training(options: TrainOptions) -> dict[str, Any]:
@@ -156,7 +171,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     torch.set_num_threads(options.threads or 1)
     start = time.monotonic()
     output_dir = options.output_dir or default_output_dir(options)
-    state = PartialState()
+    state = process_state()
     finished = check_run_dir(output_dir, options.identity(), options.resume)
     if finished:
         return read_json(os.path.join(output_dir, METRICS_FILE))
