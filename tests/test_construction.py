@@ -140,6 +140,12 @@ def test_budget_functions_read_hugging_face_configs():
     ranks = tenslora.match_budget("qkv_depth", "tucker", 2 * 8 * 768 * 3 * 12, roberta_base)
     config = TensLoraConfig(construction="qkv_depth", ranks=ranks)
     assert abs(tenslora.count_parameters(config, roberta_base) - 442_368) / 442_368 < 0.05
+    assert tenslora.resolved_ranks(config, roberta_base) == ranks
+    assert tenslora.resolved_ranks(TensLoraConfig(construction="qkv_depth", ranks=8), roberta_base) == {
+        "in": 8, "out": 8, "qkv": 3, "depth": 8}
+    assert tenslora.resolved_ranks(TensLoraConfig(construction="lotr", ranks=4), roberta_base) == {
+        "in": 4, "out": 4, "depth": 12}
+    assert tenslora.resolved_ranks(TensLoraConfig(construction="lorta", ranks=16), roberta_base) == 16
     with pytest.raises(ValueError, match="hidden size 30 is not divisible by the number of attention heads 4"):
         tenslora.count_parameters(TensLoraConfig(construction="att"), {"hidden_size": 30, "num_attention_heads": 4,
                                                                       "num_hidden_layers": 2})

@@ -1,6 +1,6 @@
 """TensLoRA: tensor low-rank adapters (Tucker / CP over heads, projections and depth) as a PEFT method."""
 
-from .api import count_parameters, lora_parameter_count, match_budget, model_geometry
+from .api import count_parameters, lora_parameter_count, match_budget, model_geometry, resolved_ranks
 from .config import TensLoraConfig
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from .layer import TensLoraLayer
@@ -22,5 +22,6 @@ __all__ = [
     "lora_parameter_count",
     "match_budget",
     "model_geometry",
+    "resolved_ranks",
     "save_adapter",
 ]

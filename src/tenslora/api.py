@@ -8,7 +8,7 @@ from typing import Any
 from . import budget as budgets
 from .architectures import geometry_from_config
 from .config import TensLoraConfig
-from .construction import Geometry
+from .construction import Geometry, get_construction, resolve_ranks
 
 
 def model_geometry(model_config: Any, roles: Sequence[str] = ("q", "k", "v"), num_heads: int | None = None,
@@ -25,6 +25,14 @@ def count_parameters(config: TensLoraConfig, model_config: Any) -> int:
     """Trainable adapter parameters of ``config`` on a model with ``model_config`` (head excluded)."""
     return budgets.count_adapter_parameters(config.construction, config.factorization, config.ranks,
                                            _geometry_of(config, model_config))
+
+
+def resolved_ranks(config: TensLoraConfig, model_config: Any) -> dict[str, int] | int:
+    """The ranks ``config`` trains with on a model with ``model_config``: a single int spread over the
+    modes, ``"full"`` and ranks above a mode's size (capped) written out, one per mode (CP: its one rank)."""
+    construction = get_construction(config.construction)
+    sizes = _geometry_of(config, model_config).mode_sizes(construction)
+    return resolve_ranks(construction, config.factorization, config.ranks, sizes)
 
 
 def lora_parameter_count(rank: int, model_config: Any, roles: Sequence[str] = ("q", "k", "v")) -> int:

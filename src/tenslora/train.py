@@ -20,7 +20,7 @@ from torch import nn
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from . import inputs
-from .api import count_parameters
+from .api import count_parameters, resolved_ranks
 from .modeling import build_classifier, default_model, load_preprocessor, load_trained_model, resolve_pooling
 from .options import DATA_SOURCE_KEYS, TrainOptions, adapter_config, options_from_mapping
 from .runs import (
@@ -110,9 +110,9 @@ def prepare(options: TrainOptions) -> Prepared:
         task_type = "SEQ_CLS" if data.modality == "text" else None
         config = adapter_config(options, model.config, task_type, modules_to_save=None if task_type else ["classifier"])
         run["adapter_parameters"] = count_parameters(config, model.config)
-        model = get_peft_model(model, config)
         run["adapter"] = {"construction": config.construction, "factorization": config.factorization,
-                          "ranks": config.ranks}
+                          "ranks": resolved_ranks(config, model.config)}
+        model = get_peft_model(model, config)
     run["trainable_parameters"] = trainable_parameters(model)
     with process_state().main_process_first():
         data = inputs.encode(data, preprocessor, options)
