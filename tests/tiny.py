@@ -8,74 +8,64 @@ import transformers
 VOCAB = 100
 
 
-def bert(num_labels: int = 3, layers: int = 2, hidden: int = 32, seed: int = 0):
+#: The tiny size every model shares: 2 layers, hidden 32, 4 heads of 8.
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+TEXT = dict(SMALL, vocab_size=VOCAB)
+#: Decoders: grouped-query attention (4 query heads share 2 key/value heads) and a padding token.
+DECODER = dict(TEXT, num_key_value_heads=2, pad_token_id=0)
+
+
+def _build(model_class: type, config_class: type, seed: int, **config) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = transformers.BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                     intermediate_size=37, vocab_size=VOCAB, num_labels=num_labels)
-    return transformers.BertForSequenceClassification(config).eval()
+    return model_class(config_class(**config)).eval()
+
+
+def bert(num_labels: int = 3, layers: int = 2, hidden: int = 32, seed: int = 0):
+    return _build(transformers.BertForSequenceClassification, transformers.BertConfig, seed,
+                  **dict(TEXT, hidden_size=hidden, num_hidden_layers=layers), num_labels=num_labels)
 
 
 def vit(num_labels: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                                    image_size=16, patch_size=8, num_labels=num_labels)
-    return transformers.ViTForImageClassification(config).eval()
+    return _build(transformers.ViTForImageClassification, transformers.ViTConfig, seed, **SMALL, image_size=16,
+                  patch_size=8, num_labels=num_labels)
 
 
 def llama(num_labels: int = 3, seed: int = 0):
     """Grouped-query attention: 4 query heads share 2 key/value heads."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=37, vocab_size=VOCAB,
-                                      num_labels=num_labels, pad_token_id=0)
-    return transformers.LlamaForSequenceClassification(config).eval()
+    return _build(transformers.LlamaForSequenceClassification, transformers.LlamaConfig, seed, **DECODER,
+                  num_labels=num_labels)
 
 
 def gemma(num_labels: int = 3, seed: int = 0):
     """Attention width (4 heads x 16) differs from the hidden size (32), one key/value head."""
-    torch.manual_seed(seed)
-    config = transformers.GemmaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, head_dim=16,
-                                      num_key_value_heads=1, intermediate_size=37, vocab_size=VOCAB,
-                                      num_labels=num_labels, pad_token_id=0)
-    return transformers.GemmaForSequenceClassification(config).eval()
+    return _build(transformers.GemmaForSequenceClassification, transformers.GemmaConfig, seed,
+                  **dict(DECODER, head_dim=16, num_key_value_heads=1), num_labels=num_labels)
 
 
 def roberta(num_labels: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        intermediate_size=37, vocab_size=VOCAB, num_labels=num_labels)
-    return transformers.RobertaForSequenceClassification(config).eval()
+    return _build(transformers.RobertaForSequenceClassification, transformers.RobertaConfig, seed, **TEXT,
+                  num_labels=num_labels)
 
 
 def mistral(num_labels: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, intermediate_size=37, vocab_size=VOCAB,
-                                        num_labels=num_labels, pad_token_id=0)
-    return transformers.MistralForSequenceClassification(config).eval()
+    return _build(transformers.MistralForSequenceClassification, transformers.MistralConfig, seed, **DECODER,
+                  num_labels=num_labels)
 
 
 def qwen2(num_labels: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=37, vocab_size=VOCAB,
-                                      num_labels=num_labels, pad_token_id=0)
-    return transformers.Qwen2ForSequenceClassification(config).eval()
+    return _build(transformers.Qwen2ForSequenceClassification, transformers.Qwen2Config, seed, **DECODER,
+                  num_labels=num_labels)
 
 
 def gpt2(num_labels: int = 3, seed: int = 0):
     """Fused q/k/v projection (Conv1D ``c_attn``)."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, num_labels=num_labels,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    return transformers.GPT2ForSequenceClassification(config).eval()
+    return _build(transformers.GPT2ForSequenceClassification, transformers.GPT2Config, seed, n_embd=32, n_layer=2,
+                  n_head=4, vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=1)
 
 
 def distilbert(num_labels: int = 3, seed: int = 0):
-    torch.manual_seed(seed)
-    config = transformers.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=37, vocab_size=VOCAB,
-                                           num_labels=num_labels)
-    return transformers.DistilBertForSequenceClassification(config).eval()
+    return _build(transformers.DistilBertForSequenceClassification, transformers.DistilBertConfig, seed, dim=32,
+                  n_layers=2, n_heads=4, hidden_dim=37, vocab_size=VOCAB, num_labels=num_labels)
 
 
 MODELS = {"bert": bert, "vit": vit, "llama": llama}

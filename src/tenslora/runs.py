@@ -14,7 +14,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,8 @@ def history_rows(log_history: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
     return rows
 
 
-def write_history(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Atomically write ``rows`` as CSV, one column for every key of any row (blank where a row lacks it)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
@@ -128,4 +129,4 @@ class HistoryCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero:
-            write_history(self.path, history_rows(state.log_history))
+            write_csv(self.path, history_rows(state.log_history))

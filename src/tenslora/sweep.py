@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import multiprocessing
 import os
 import statistics
@@ -26,7 +25,7 @@ from typing import Any
 
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from .options import TrainOptions
-from .runs import write_atomic
+from .runs import write_atomic, write_csv
 
 CONDITIONS = ("isorank", "isoparameter")
 #: Evaluation entries that are not scores.
@@ -122,15 +121,6 @@ def read_csv(path: Path) -> list[dict[str, Any]]:
             elif key.startswith("test_") or key == "wall_time_s":
                 row[key] = float(value)
     return rows
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buffer.getvalue())
 
 
 def _metric_columns(rows: Iterable[dict[str, Any]]) -> list[str]:
