@@ -4,7 +4,7 @@ Prints the test accuracy of the majority class and of TF-IDF features (word 1-2-
 2-5-grams) under a linear SVM (scikit-learn defaults, C=1). Fine-tuned adapters should beat these.
 
     python benchmarks/wordnet_baselines.py                    # full split: 76,501 train / 9,708 test synsets
-    python benchmarks/wordnet_baselines.py --max-train 4000   # a training subset, as in the default CLI run
+    python benchmarks/wordnet_baselines.py --max-train 6000 --max-test 2000   # the default run's subsets
 """
 
 from __future__ import annotations

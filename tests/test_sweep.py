@@ -86,3 +86,11 @@ def test_bad_sweep_options_are_one_line_and_exit_code_2(flags, message, tiny, tm
                  *flags]) == 2
     assert message in _error_line(capsys)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_failing_run_stops_the_sweep_with_its_error(tiny, tmp_path, capsys):  # noqa: F811
+    """LoRA rank 1000's count is out of qkv_depth's reach on a 32-wide model: that run fails in its worker."""
+    assert _sweep(tiny, tmp_path / "sweep", "--lora-rank", "1000", "--conditions", "isoparameter", "--seeds", "0,1",
+                  "--jobs", "2") == 2
+    assert "budget" in _error_line(capsys)
+

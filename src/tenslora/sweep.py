@@ -17,19 +17,19 @@ import dataclasses
 import multiprocessing
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
+from .data.metrics import METRICS
 from .options import TrainOptions
 from .runs import write_atomic, write_csv
+from .train import run_training
 
 CONDITIONS = ("isorank", "isoparameter")
-#: Evaluation entries that are not scores.
-_NOT_METRICS = {"loss", "runtime", "samples_per_second", "steps_per_second", "epoch"}
 _INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters")
 
 
@@ -60,9 +60,9 @@ def plan(base: TrainOptions, sweep_dir: Path, lora_rank: int, constructions: Seq
                                   "budget": None})]
     for construction in constructions:
         for condition in conditions:
-            adapter = ({"ranks": lora_rank, "budget": None} if condition == "isorank"
-                       else {"ranks": lora_rank, "budget": f"lora:{lora_rank}"})
-            variants.append((construction, condition, {"construction": construction, **adapter}))
+            budget = None if condition == "isorank" else f"lora:{lora_rank}"
+            variants.append((construction, condition, {"construction": construction, "ranks": lora_rank,
+                                                       "budget": budget}))
     runs = []
     for seed in seeds:
         for construction, condition, adapter in variants:
@@ -74,22 +74,21 @@ def plan(base: TrainOptions, sweep_dir: Path, lora_rank: int, constructions: Seq
     return runs
 
 
-def _train(options: TrainOptions) -> dict[str, Any]:
-    from .train import run_training
-
-    return run_training(options)
-
-
-def execute(runs: Sequence[PlannedRun], jobs: int, on_result) -> None:
+def execute(runs: Sequence[PlannedRun], jobs: int,
+            on_result: Callable[[PlannedRun, dict[str, Any]], None]) -> None:
     """Run (or read back) every run, ``jobs`` at a time in separate processes; report each result."""
     if jobs <= 1:
         for run in runs:
-            on_result(run, _train(run.options))
+            on_result(run, run_training(run.options))
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_train, run.options): run for run in runs}
-        for future in as_completed(futures):
-            on_result(futures[future], future.result())
+        futures = {pool.submit(run_training, run.options): run for run in runs}
+        try:
+            for future in as_completed(futures):
+                on_result(futures[future], future.result())
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the runs under way end (they resume later); no new one starts
+            raise
 
 
 def format_ranks(ranks: int | dict[str, int]) -> str:
@@ -97,7 +96,7 @@ def format_ranks(ranks: int | dict[str, int]) -> str:
 
 
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
-    scores = {f"test_{k}": v for k, v in metrics["test"].items() if k not in _NOT_METRICS}
+    scores = {f"test_{name}": value for name, value in metrics["test"].items() if name in METRICS}
     adapter = metrics["adapter"]
     return {"name": run.name, "construction": run.construction, "condition": run.condition, "seed": run.seed,
             "factorization": adapter["factorization"], "ranks": format_ranks(adapter["ranks"]),
