@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-TENSOR_CONSTRUCTIONS = ("att", "qkv", "depth", "att_qkv", "att_depth", "qkv_depth", "att_qkv_depth")
+from tenslora import TENSOR_CONSTRUCTIONS
+
 TRAINING_VARIANTS = ("floor", "lora", *TENSOR_CONSTRUCTIONS, "lorta")
 INFERENCE_VARIANTS = ("infer_base", "infer_merged")
 
