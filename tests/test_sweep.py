@@ -94,3 +94,10 @@ def test_a_failing_run_stops_the_sweep_with_its_error(tiny, tmp_path, capsys):  
                   "--jobs", "2") == 2
     assert "budget" in _error_line(capsys)
 
+
+
+def test_sweep_with_other_options_into_the_same_folder_is_refused(tiny, sweep_dir, capsys):  # noqa: F811
+    before = (sweep_dir / "results.csv").read_bytes()
+    assert _sweep(tiny, sweep_dir, "--seeds", "0", "--lr", "0.5") == 2
+    assert "holds a different run" in _error_line(capsys)
+    assert (sweep_dir / "results.csv").read_bytes() == before
