@@ -10,6 +10,7 @@ import pytest
 
 from tenslora.cli import main
 from tenslora.options import TrainOptions
+from tenslora.runs import atomic_destination
 from tenslora.sweep import plan
 from test_cli import FLAGS, _error_line
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
@@ -101,3 +102,12 @@ def test_sweep_with_other_options_into_the_same_folder_is_refused(tiny, sweep_di
     assert _sweep(tiny, sweep_dir, "--seeds", "0", "--lr", "0.5") == 2
     assert "holds a different run" in _error_line(capsys)
     assert (sweep_dir / "results.csv").read_bytes() == before
+
+
+def test_a_report_is_replaced_whole_or_not_at_all(tmp_path):
+    report = tmp_path / "results.png"
+    report.write_bytes(b"earlier plot")
+    with pytest.raises(RuntimeError), atomic_destination(report) as staging:
+        staging.write_bytes(b"half a plot")
+        raise RuntimeError("the writer failed")
+    assert report.read_bytes() == b"earlier plot" and sorted(tmp_path.iterdir()) == [report]

@@ -14,7 +14,8 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,24 @@ HISTORY_FILE = "history.csv"
 TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+@contextmanager
+def atomic_destination(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` (same suffix, for writers that read the format from it) to
+    write to; renamed over ``path`` when the block ends without error, removed otherwise."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        temporary.write_text(text)
+        yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    with atomic_destination(path) as temporary:
+        temporary.write_text(text)
 
 
 def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:

@@ -26,7 +26,8 @@ from typing import Any
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from .data.metrics import METRICS
 from .options import TrainOptions
-from .runs import write_atomic, write_csv
+from .params import format_ranks
+from .runs import atomic_destination, write_atomic, write_csv
 from .train import run_training
 
 CONDITIONS = ("isorank", "isoparameter")
@@ -91,10 +92,6 @@ def execute(runs: Sequence[PlannedRun], jobs: int,
             raise
 
 
-def format_ranks(ranks: int | dict[str, int]) -> str:
-    return ",".join(f"{mode}={rank}" for mode, rank in ranks.items()) if isinstance(ranks, dict) else str(ranks)
-
-
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
     scores = {f"test_{name}": value for name, value in metrics["test"].items() if name in METRICS}
     adapter = metrics["adapter"]
@@ -150,7 +147,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     for (condition, construction), group in sorted(groups.items(), key=lambda item: (item[0][0] != "lora", item[0])):
         cells = [condition, construction, *(_distinct(group, column) for column in
                                             ("ranks", "adapter_parameters", "trainable_parameters")), str(len(group)),
-                 *[_mean_std([float(row[m]) for row in group if m in row]) for m in metrics]]
+                 *[_mean_std([row[m] for row in group if m in row]) for m in metrics]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -171,7 +168,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> 
         for construction, condition in dict.fromkeys((r["construction"], r["condition"]) for r in rows):
             points = [r for r in rows if r["construction"] == construction and r["condition"] == condition
                       and metric in r]
-            axes.scatter([r["trainable_parameters"] for r in points], [float(r[metric]) for r in points],
+            axes.scatter([r["trainable_parameters"] for r in points], [r[metric] for r in points],
                          color=colours[construction], marker=markers.get(condition, "o"),
                          s=90 if condition == "lora" else 40, label=f"{construction} ({condition})", alpha=0.8,
                          edgecolors="black", linewidths=0.4)
@@ -181,13 +178,11 @@ def plot(path: Path, rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> 
         axes.grid(True, which="both", alpha=0.3)
     panels[0][0].legend(fontsize=7, ncol=2, loc="best")
     figure.tight_layout()
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     try:
-        figure.savefig(staging, dpi=120)
-        os.replace(staging, path)
+        with atomic_destination(path) as staging:
+            figure.savefig(staging, dpi=120)
     finally:
         plt.close(figure)
-        staging.unlink(missing_ok=True)
 
 
 def write_reports(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
