@@ -1,5 +1,6 @@
 """TensLoRA: tensor low-rank adapters (Tucker / CP over heads, projections and depth) as a PEFT method."""
 
+from . import third_party_logs  # noqa: F401  (first: before PEFT imports bitsandbytes)
 from .api import count_parameters, lora_parameter_count, match_budget, model_geometry, resolved_ranks
 from .config import TensLoraConfig
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
