@@ -6,19 +6,28 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import budget as budgets
-from .architectures import geometry_from_config
+from .architectures import adapted_roles, config_value, geometry_from_config
 from .config import TensLoraConfig
-from .construction import Geometry, get_construction, resolve_ranks
+from .construction import Geometry, RankSpec, get_construction, resolve_family_ranks
+
+Roles = str | Sequence[str]
 
 
-def model_geometry(model_config: Any, roles: Sequence[str] = ("q", "k", "v"), num_heads: int | None = None,
-                   layers_to_transform: Sequence[int] | None = None) -> Geometry:
-    """Sizes of the adapted projections of a Hugging Face config (a ``PretrainedConfig`` or its dict)."""
+def model_geometry(model_config: Any, roles: Roles = ("q", "k", "v"), num_heads: int | None = None,
+                   layers_to_transform: Sequence[int] | None = None,
+                   role_patterns: Mapping[str, str] | None = None) -> Geometry:
+    """Sizes of the adapted projections of a Hugging Face config (a ``PretrainedConfig`` or its dict).
+
+    ``roles="all-linear"`` is expanded with the role table of the config's ``model_type`` (or
+    ``role_patterns``): LLaMA gets gate, up and down, BERT up and down.
+    """
+    roles = adapted_roles(roles, config_value(model_config, "model_type"), role_patterns)
     return geometry_from_config(model_config, roles, num_heads, layers_to_transform)
 
 
 def _geometry_of(config: TensLoraConfig, model_config: Any) -> Geometry:
-    return model_geometry(model_config, config.roles, config.num_heads, config.layers_to_transform)
+    return model_geometry(model_config, config.roles, config.num_heads, config.layers_to_transform,
+                          config.role_patterns)
 
 
 def count_parameters(config: TensLoraConfig, model_config: Any) -> int:
@@ -27,26 +36,30 @@ def count_parameters(config: TensLoraConfig, model_config: Any) -> int:
                                            _geometry_of(config, model_config))
 
 
-def resolved_ranks(config: TensLoraConfig, model_config: Any) -> dict[str, int] | int:
+def resolved_ranks(config: TensLoraConfig, model_config: Any) -> RankSpec:
     """The ranks ``config`` trains with on a model with ``model_config``: a single int spread over the
-    modes, ``"full"`` and ranks above a mode's size (capped) written out, one per mode (CP: its one rank)."""
-    construction = get_construction(config.construction)
-    sizes = _geometry_of(config, model_config).mode_sizes(construction)
-    return resolve_ranks(construction, config.factorization, config.ranks, sizes)
+    modes, ``"full"`` and ranks above a mode's size (capped) written out, one per mode (CP: its one rank).
+    With attention and MLP roles, keyed by family: ``{"attention": ..., "mlp": ...}``."""
+    resolved = resolve_family_ranks(get_construction(config.construction), config.factorization, config.ranks,
+                                    _geometry_of(config, model_config))
+    return resolved if len(resolved) > 1 else next(iter(resolved.values()))
 
 
-def lora_parameter_count(rank: int, model_config: Any, roles: Sequence[str] = ("q", "k", "v")) -> int:
-    """Parameters of LoRA rank ``rank`` on ``roles`` of every layer (e.g. 2 * r * d * 3 * L for BERT)."""
+def lora_parameter_count(rank: int, model_config: Any, roles: Roles = ("q", "k", "v")) -> int:
+    """Parameters of LoRA rank ``rank`` on ``roles`` of every layer: r * (d_in + d_out) per projection
+    (e.g. 2 * r * d * 3 * L for BERT on q, k, v); ``roles="all-linear"`` counts every block linear."""
     return budgets.lora_parameter_count(rank, model_geometry(model_config, roles))
 
 
 def match_budget(construction: str, factorization: str, budget: int, model_config: Any,
-                 roles: Sequence[str] = ("q", "k", "v"), fixed: Mapping[str, int | str] | None = None,
-                 num_heads: int | None = None) -> dict[str, int] | int:
+                 roles: Roles = ("q", "k", "v"), fixed: Mapping[str, int | str] | None = None,
+                 num_heads: int | None = None) -> RankSpec:
     """Ranks of ``construction`` whose parameter count is closest to ``budget`` (the isoparameter condition).
 
-    Example: ``match_budget("qkv_depth", "tucker", lora_parameter_count(8, cfg), cfg)``.
+    Example: ``match_budget("qkv_depth", "tucker", lora_parameter_count(8, cfg, "all-linear"), cfg,
+    roles="all-linear")``. With attention and MLP roles, Tucker ranks come keyed by family.
     """
+    roles = adapted_roles(roles, config_value(model_config, "model_type"))
     config = TensLoraConfig(construction=construction, factorization=factorization, roles=list(roles),
                             num_heads=num_heads)
     return budgets.match_budget(config.construction, config.factorization, budget, _geometry_of(config, model_config),

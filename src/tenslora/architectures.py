@@ -1,10 +1,13 @@
-"""Where the attention projections of a model are, and how big they are.
+"""Where the attention and MLP projections of a model are, and how big they are.
 
 One table maps a Hugging Face ``model_type`` to a regular expression per role (matched against
-the end of a module's name). A module matched by several roles is a fused projection (GPT-2's
-``c_attn`` holds q, k and v side by side). The layer of a module is the first ``.N.`` in its
-name unless a ``layer_pattern`` says otherwise. Any other model is mapped the same way by
-passing ``role_patterns`` (and, if needed, ``layer_pattern``) in the TensLoraConfig.
+the end of a module's name): attention q, k, v, o and MLP gate, up, down. ``roles="all-linear"``
+means every role the table (or the user's ``role_patterns``) has for the model: the linear layers
+of the transformer blocks, never the embeddings or the head. A module matched by several roles
+is a fused projection (GPT-2's ``c_attn`` holds q, k and v side by side). The layer of a module
+is the first ``.N.`` in its name unless a ``layer_pattern`` says otherwise. Any other model is
+mapped the same way by passing ``role_patterns`` (and, if needed, ``layer_pattern``) in the
+TensLoraConfig.
 """
 
 from __future__ import annotations
@@ -14,19 +17,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .construction import ROLE_NAMES, Geometry
+from .construction import ALL_LINEAR, FAMILIES, ROLE_NAMES, Geometry
 
 _BERT_LIKE = {
     "q": r"attention\.self\.query",
     "k": r"attention\.self\.key",
     "v": r"attention\.self\.value",
     "o": r"attention\.output\.dense",
+    "up": r"intermediate\.dense",
+    "down": r"layer\.\d+\.output\.dense",  # the block's own output, not attention.output.dense
 }
 _LLAMA_LIKE = {
     "q": r"self_attn\.q_proj",
     "k": r"self_attn\.k_proj",
     "v": r"self_attn\.v_proj",
     "o": r"self_attn\.o_proj",
+    "gate": r"mlp\.gate_proj",
+    "up": r"mlp\.up_proj",
+    "down": r"mlp\.down_proj",
 }
 
 #: model_type -> role -> regex on the end of the module name.
@@ -39,19 +47,24 @@ ROLE_PATTERNS: dict[str, dict[str, str]] = {
         "k": r"attention\.k_lin",
         "v": r"attention\.v_lin",
         "o": r"attention\.out_lin",
+        "up": r"ffn\.lin1",
+        "down": r"ffn\.lin2",
     },
     "vit": {  # transformers >= 5 names, then the 4.x names
         "q": r"attention\.(?:q_proj|attention\.query)",
         "k": r"attention\.(?:k_proj|attention\.key)",
         "v": r"attention\.(?:v_proj|attention\.value)",
         "o": r"attention\.(?:o_proj|output\.dense)",
+        "up": r"(?:mlp\.fc1|intermediate\.dense)",
+        "down": r"(?:mlp\.fc2|layer\.\d+\.output\.dense)",
     },
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
-    "gpt2": {"q": r"attn\.c_attn", "k": r"attn\.c_attn", "v": r"attn\.c_attn", "o": r"attn\.c_proj"},
+    "gpt2": {"q": r"attn\.c_attn", "k": r"attn\.c_attn", "v": r"attn\.c_attn", "o": r"attn\.c_proj",
+             "up": r"mlp\.c_fc", "down": r"mlp\.c_proj"},
 }
 
 DEFAULT_LAYER_PATTERN = r"\.(\d+)\."
@@ -71,8 +84,12 @@ class Target:
     layer: int
 
 
+def is_all_linear(roles: str | Sequence[str]) -> bool:
+    return roles == ALL_LINEAR or (not isinstance(roles, str) and list(roles) == [ALL_LINEAR])
+
+
 def role_patterns_for(model_type: str | None, role_patterns: Mapping[str, str] | None,
-                      roles: Sequence[str]) -> dict[str, str]:
+                      roles: str | Sequence[str]) -> dict[str, str]:
     """The regex of every role the model has (user patterns or the table), checked to cover ``roles``."""
     if role_patterns:
         table = dict(role_patterns)
@@ -80,17 +97,33 @@ def role_patterns_for(model_type: str | None, role_patterns: Mapping[str, str] |
         table = ROLE_PATTERNS[model_type]
     else:
         raise ValueError(
-            f"TensLoRA does not know where the attention projections of model type '{model_type}' are. Pass "
-            "`role_patterns` in the TensLoraConfig, a regex per role matched against the end of the module names, "
-            "e.g. role_patterns={'q': r'attn\\.q_proj', 'k': r'attn\\.k_proj', 'v': r'attn\\.v_proj'}. "
-            f"Known model types: {sorted(ROLE_PATTERNS)}."
+            f"TensLoRA does not know where the projections of model type '{model_type}' are"
+            + (" (needed to expand roles='all-linear')" if is_all_linear(roles) else "")
+            + ". Pass `role_patterns` in the TensLoraConfig, a regex per role matched against the end of the module "
+            "names, e.g. role_patterns={'q': r'attn\\.q_proj', 'k': r'attn\\.k_proj', 'v': r'attn\\.v_proj', "
+            f"'up': r'mlp\\.fc1', 'down': r'mlp\\.fc2'}}. Known model types: {sorted(ROLE_PATTERNS)}."
         )
-    missing = [r for r in roles if r not in table]
+    missing = [r for r in expand_roles(roles, table) if r not in table]
     if missing:
         raise ValueError(
             f"No module pattern for role(s) {missing}; add them to `role_patterns` or drop them from `roles`."
         )
     return table
+
+
+def expand_roles(roles: str | Sequence[str], patterns: Mapping[str, str]) -> tuple[str, ...]:
+    """The adapted roles in ``ROLE_NAMES`` order; ``"all-linear"`` is every role ``patterns`` has."""
+    if is_all_linear(roles):
+        return tuple(r for r in ROLE_NAMES if r in patterns)
+    return tuple(r for r in ROLE_NAMES if r in roles)
+
+
+def adapted_roles(roles: str | Sequence[str], model_type: str | None,
+                  role_patterns: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """``roles`` for a model of ``model_type``: ``"all-linear"`` expanded by its role table."""
+    if not is_all_linear(roles):
+        return expand_roles(roles, {})
+    return expand_roles(roles, role_patterns_for(model_type, role_patterns, roles))
 
 
 def target_regex(patterns: Mapping[str, str], roles: Sequence[str]) -> str:
@@ -131,9 +164,22 @@ def config_value(model_config: Any, *names: str) -> Any:
     return None
 
 
+def ffn_width_from_config(model_config: Any, hidden: int) -> int | None:
+    """d_ffn: ``intermediate_size`` (BERT, ViT, LLaMA), ``hidden_dim`` (DistilBERT), ``n_inner`` (GPT-2,
+    whose ``n_inner=None`` means 4 x hidden), ``ffn_dim`` / ``d_ff`` elsewhere."""
+    width = config_value(model_config, "intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "d_ff")
+    has_n_inner = "n_inner" in model_config if isinstance(model_config, Mapping) else hasattr(model_config, "n_inner")
+    if width is None and has_n_inner:
+        return 4 * hidden
+    return width
+
+
 def geometry_from_config(model_config: Any, roles: Sequence[str], num_heads: int | None = None,
                          layers_to_transform: Sequence[int] | None = None) -> Geometry:
-    """Sizes from a Hugging Face config (object or dict). ``num_heads`` overrides the config's."""
+    """Sizes from a Hugging Face config (object or dict). ``num_heads`` overrides the config's.
+
+    ``roles`` are explicit role names (see :func:`adapted_roles` for ``"all-linear"``).
+    """
     model_config = getattr(model_config, "text_config", None) or model_config
     hidden = config_value(model_config, "hidden_size", "n_embd", "dim", "d_model")
     layers = config_value(model_config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
@@ -150,15 +196,27 @@ def geometry_from_config(model_config: Any, roles: Sequence[str], num_heads: int
             f"The hidden size {hidden} is not divisible by the number of attention heads {heads}; check "
             "`num_attention_heads` in the model config, or set `head_dim`."
         )
+    ffn = None
+    if any(role in FAMILIES["mlp"] for role in roles):
+        ffn = ffn_width_from_config(model_config, hidden)
+        if ffn is None:
+            raise ValueError(
+                f"Could not read the MLP's intermediate size from the model config, needed for role(s) "
+                f"{[r for r in roles if r in FAMILIES['mlp']]}; set `intermediate_size` on `model.config`."
+            )
     width = heads * head_dim if head_dim else hidden
-    if layers_to_transform is not None:
-        layers = len(set(layers_to_transform))
+    if layers_to_transform is not None:  # as get_peft_model: the listed layers the model has
+        present = {layer for layer in layers_to_transform if 0 <= layer < layers}
+        if not present:
+            raise ValueError(f"`layers_to_transform` {list(layers_to_transform)} names no layer of the model; it has "
+                             f"{layers} (0 to {layers - 1}).")
+        layers = len(present)
     return Geometry(hidden_size=hidden, attention_width=width, num_layers=layers, roles=tuple(roles),
-                    num_heads=heads, num_kv_heads=kv_heads if kv_heads and kv_heads != heads else None)
+                    num_heads=heads, num_kv_heads=kv_heads if kv_heads and kv_heads != heads else None,
+                    ffn_width=ffn)
 
 
 def expected_shape(geometry: Geometry, roles: Sequence[str]) -> tuple[int, int]:
-    """(in_features, out_features) a module computing ``roles`` must have under ``geometry``."""
-    if roles == ("o",):
-        return geometry.attention_width, geometry.hidden_size
-    return geometry.hidden_size, sum(geometry.role_width(r) for r in roles)
+    """(in_features, out_features) a module computing ``roles`` (side by side when fused) must have."""
+    shapes = [geometry.role_shape(role) for role in roles]
+    return shapes[0][0], sum(out for _, out in shapes)

@@ -14,7 +14,17 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .construction import Construction, Geometry, RankSpec, resolve_ranks, slice_index, tensor_key, tensor_keys
+from .construction import (
+    TRANSPOSED_ROLES,
+    Construction,
+    Geometry,
+    RankSpec,
+    fit_ranks,
+    resolve_family_ranks,
+    slice_index,
+    tensor_key,
+    tensor_specs,
+)
 from .factorization import FactorizedTensor, build_tensor
 
 
@@ -25,7 +35,7 @@ class SliceAddress:
     key: str
     index: Mapping[str, int]
     width: int
-    transposed: bool  # the output projection's update is its slice transposed
+    transposed: bool  # o and down map the wide side to the residual: their update is the slice transposed
 
 
 @dataclass(frozen=True)
@@ -44,6 +54,8 @@ class _Projection:
 
 
 class TensorBank(nn.Module):
+    """The tensors of one adapter: per family (attention, MLP), those the construction makes."""
+
     def __init__(self, construction: Construction, factorization: str, ranks: RankSpec, geometry: Geometry,
                  layers: Sequence[int]):
         super().__init__()
@@ -52,11 +64,12 @@ class TensorBank(nn.Module):
         self.construction = construction
         self.geometry = geometry
         self.layer_position = {layer: position for position, layer in enumerate(sorted(layers))}
-        sizes = geometry.mode_sizes(construction)
-        self.ranks = resolve_ranks(construction, factorization, ranks, sizes)
+        family_ranks = resolve_family_ranks(construction, factorization, ranks, geometry)
+        # One family: its ranks as they always were; several: keyed by family, as `ranks` may be given.
+        self.ranks = family_ranks if len(family_ranks) > 1 else next(iter(family_ranks.values()))
         self.tensors = nn.ModuleDict(
-            {key: build_tensor(factorization, sizes, self.ranks) for key in
-             tensor_keys(construction, geometry.roles, sorted(layers))}
+            {key: build_tensor(factorization, spec.sizes, fit_ranks(family_ranks[spec.family], spec.sizes))
+             for key, spec in tensor_specs(construction, geometry, sorted(layers)).items()}
         )
         self._projections: dict[str, _Projection] = {}
 
@@ -88,7 +101,7 @@ class TensorBank(nn.Module):
             key=tensor_key(self.construction, role, layer),
             index=slice_index(self.construction, self.geometry, role, self.layer_position[layer]),
             width=self.geometry.role_width(role),
-            transposed=role == "o",
+            transposed=role in TRANSPOSED_ROLES,
         )
 
     def tensor(self, key: str) -> FactorizedTensor:

@@ -6,20 +6,14 @@ import math
 from collections.abc import Mapping
 
 from .construction import (
-    Construction,
     Geometry,
     RankSpec,
     check_factorization,
+    fit_ranks,
     get_construction,
-    resolve_ranks,
+    resolve_family_ranks,
+    tensor_specs,
 )
-
-
-def tensor_count(construction: Construction, geometry: Geometry) -> int:
-    """How many tensors a construction makes: one per role and/or layer that is not a mode."""
-    roles = 1 if construction.stack_roles else len(geometry.roles)
-    layers = 1 if construction.stack_layers else geometry.num_layers
-    return roles * layers
 
 
 def count_tensor_parameters(factorization: str, sizes: Mapping[str, int], ranks: Mapping[str, int] | int) -> int:
@@ -30,33 +24,34 @@ def count_tensor_parameters(factorization: str, sizes: Mapping[str, int], ranks:
 
 
 def count_adapter_parameters(construction: str, factorization: str, ranks: RankSpec, geometry: Geometry) -> int:
-    """Trainable adapter parameters (without any classification head)."""
+    """Trainable adapter parameters (without any classification head): the sum over the adapter's tensors."""
     spec = get_construction(construction)
     check_factorization(factorization)
-    sizes = geometry.mode_sizes(spec)
-    resolved = resolve_ranks(spec, factorization, ranks, sizes)
-    return tensor_count(spec, geometry) * count_tensor_parameters(factorization, sizes, resolved)
+    family_ranks = resolve_family_ranks(spec, factorization, ranks, geometry)
+    return sum(count_tensor_parameters(factorization, tensor.sizes, fit_ranks(family_ranks[tensor.family], tensor.sizes))
+               for tensor in tensor_specs(spec, geometry).values())
 
 
 def lora_parameter_count(rank: int, geometry: Geometry) -> int:
     """Parameters of LoRA rank r on the geometry's roles: r * (d_in + d_out) per projection and layer."""
-    per_layer = sum(geometry.hidden_size + geometry.role_width(role) for role in geometry.roles)
+    per_layer = sum(sum(geometry.role_shape(role)) for role in geometry.roles)
     return rank * per_layer * geometry.num_layers
 
 
 def match_budget(construction: str, factorization: str, budget: int, geometry: Geometry,
-                 fixed: Mapping[str, int | str] | None = None) -> dict[str, int] | int:
+                 fixed: Mapping[str, int | str] | None = None) -> RankSpec:
     """Ranks whose parameter count is closest to ``budget`` (ties go to the smaller count).
 
     Tucker: one common rank r on every mode not in ``fixed``, capped at each mode's size (the
-    mode-specific compression of the paper is reached through ``fixed``, e.g. ``{"qkv": 3}``).
+    mode-specific compression of the paper is reached through ``fixed``, e.g. ``{"qkv": 3}``),
+    the same r for the attention and the MLP tensors; with both families the ranks come keyed by
+    family (``{"attention": {...}, "mlp": {...}}``), as each family's modes have their own sizes.
     CP: the single rank R. Raises ``ValueError`` when no rank gets within a factor 2 of the budget.
     """
     spec = get_construction(construction)
     check_factorization(factorization)
     if budget <= 0:
         raise ValueError(f"The parameter budget must be positive, got {budget}.")
-    sizes = geometry.mode_sizes(spec)
     fixed = dict(fixed or {})
     if factorization == "cp":
         if fixed:
@@ -66,19 +61,27 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         best = min(candidates, key=lambda r: (abs(r * per_rank - budget), r))
         return _checked(best, best * per_rank, budget, construction, factorization)
 
-    unknown = [m for m in fixed if m not in sizes]
+    family_sizes = {family: geometry.mode_sizes(spec, family) for family in geometry.families}
+    modes = {mode for sizes in family_sizes.values() for mode in sizes}
+    unknown = [m for m in fixed if m not in modes]
     if unknown:
         raise ValueError(
-            f"`fixed` names mode(s) {unknown} that the '{construction}' construction lacks: {list(sizes)}."
+            f"`fixed` names mode(s) {unknown} that the '{construction}' construction lacks: {sorted(modes)}."
         )
-    free = [m for m in sizes if m not in fixed]
-    if not free:
-        ranks = resolve_ranks(spec, "tucker", fixed, sizes)
-        return _checked(ranks, count_adapter_parameters(construction, "tucker", ranks, geometry), budget,
-                        construction, factorization)
+    invalid = {m: v for m, v in fixed.items() if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)}
+    if invalid:
+        raise ValueError(f"`fixed` ranks must be positive integers or 'full', got {invalid}.")
+
+    def ranks_at(r: int) -> RankSpec:
+        per_family = {family: {m: min(r, n) if m not in fixed else (n if fixed[m] == "full" else min(fixed[m], n))
+                               for m, n in sizes.items()}
+                      for family, sizes in family_sizes.items()}
+        return per_family if len(per_family) > 1 else next(iter(per_family.values()))
+
+    free_sizes = [n for sizes in family_sizes.values() for m, n in sizes.items() if m not in fixed]
     best, best_count = None, None
-    for r in range(1, max(sizes[m] for m in free) + 1):
-        ranks = {m: fixed.get(m, min(r, sizes[m])) for m in sizes}
+    for r in range(1, max(free_sizes, default=1) + 1):
+        ranks = ranks_at(r)
         count = count_adapter_parameters(construction, "tucker", ranks, geometry)
         if best is None or abs(count - budget) < abs(best_count - budget):
             best, best_count = ranks, count

@@ -1,38 +1,60 @@
-"""The seven ways of stacking attention-projection updates into tensors (plus the plain matrix).
+"""The seven ways of stacking projection updates into tensors (plus the plain matrix).
 
 A *construction* decides which modes a tensor has and therefore which weight updates share a
-tensor. Every update is written in one orientation, (attention side) x (residual side):
+tensor. Every update is written in one orientation, (wide side) x (residual side):
 
 - ``in``  : the residual-stream side (the model's hidden size),
-- ``out`` : the attention side (``num_heads * head_dim``), or, in the *att* constructions, that
-            side split into ``head_dim`` x ``heads`` with Hugging Face's head-major layout
-            (feature ``o = head * head_dim + j``),
-- ``qkv`` : which projection role (q, k, v, and o when adapted),
+- ``out`` : the wide side: ``num_heads * head_dim`` for attention, ``d_ffn`` for the MLP; in the
+            *att* constructions the attention side is split into ``head_dim`` x ``heads`` with
+            Hugging Face's head-major layout (feature ``o = head * head_dim + j``),
+- ``qkv`` : which projection role of the family (q, k, v, o; or gate, up, down),
 - ``depth``: which layer.
 
-Query, key and value map residual -> attention, so their update is the slice itself; the output
-projection ``o`` maps attention -> residual, so its update is the slice transposed, which keeps
-its input features aligned with the head modes. With grouped-query attention the key/value
-projections are narrower than the query: their updates are the first ``num_kv_heads * head_dim``
-rows of their slice (the first ``num_kv_heads`` heads), i.e. the tensor is the one obtained by
-zero-padding the key/value updates to the query's width.
+Roles come in two *families*: attention (q, k, v, o) and MLP (gate, up, down). Each family gets
+its own tensors under the chosen construction, because their wide sides differ (d_att vs d_ffn).
+The head split exists only for attention, so the *att* constructions make MLP tensors without it
+(``att`` -> ``matrix``, ``att_qkv`` -> ``qkv``, ``att_depth`` -> ``depth``,
+``att_qkv_depth`` -> ``qkv_depth``).
+
+Projections that map residual -> wide side (q, k, v, gate, up) have the slice itself as update;
+those that map wide side -> residual (``o``, ``down``) have the slice transposed, which keeps
+their input features aligned with the wide-side modes. With grouped-query attention the
+key/value projections are narrower than the query: a tensor that holds only k (or only v) has
+k's own width (``num_kv_heads * head_dim``; in the *att* constructions ``num_kv_heads`` heads),
+while a tensor that stacks k or v with q (a role mode) holds them zero-padded to the query's
+width: their updates are the first ``num_kv_heads * head_dim`` rows of their slices.
 
 This module is pure Python: it knows mode names and sizes, never a model.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Union
 
-ROLE_NAMES = ("q", "k", "v", "o")
+#: Role families: the roles of one family share tensors (their slices have one shape).
+FAMILIES: dict[str, tuple[str, ...]] = {"attention": ("q", "k", "v", "o"), "mlp": ("gate", "up", "down")}
+ROLE_NAMES = tuple(role for roles in FAMILIES.values() for role in roles)
+#: ``roles="all-linear"``: every attention and MLP projection the model has (as PEFT's LoRA ``all-linear``).
+ALL_LINEAR = "all-linear"
+#: Roles mapping the wide side back to the residual stream: their update is their slice transposed.
+TRANSPOSED_ROLES = ("o", "down")
 FACTORIZATIONS = ("tucker", "cp")
 
-#: What ``ranks`` may be: one int for every mode, a list in the construction's mode order, or a
-#: dict keyed by mode name whose values are ints or ``"full"`` (the mode's size).
-RankSpec = Union[int, Sequence[int], Mapping[str, Union[int, str]]]
+#: What ``ranks`` may be: one int for every mode of every tensor, a list in the construction's mode
+#: order, a dict keyed by mode name whose values are ints or ``"full"`` (the mode's size), or a dict
+#: keyed by family (``{"attention": ..., "mlp": ...}``) whose values are any of the former.
+RankSpec = Union[int, Sequence[int], Mapping[str, Union[int, str]], Mapping[str, object]]
+
+
+def family_of(role: str) -> str:
+    for family, roles in FAMILIES.items():
+        if role in roles:
+            return family
+    raise ValueError(f"Unknown role {role!r}; roles are {list(ROLE_NAMES)} or '{ALL_LINEAR}'.")
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,13 @@ class Construction:
     def index_modes(self) -> tuple[str, ...]:
         """Modes that select *which* update a slice is (as opposed to its rows and columns)."""
         return tuple(m for m in self.modes if m in ("qkv", "depth"))
+
+    def for_family(self, family: str) -> Construction:
+        """The construction a family's tensors use: the head split exists only for attention."""
+        if family == "attention" or not self.split_heads:
+            return self
+        return next(c for c in CONSTRUCTIONS.values()
+                    if not c.split_heads and (c.stack_roles, c.stack_layers) == (self.stack_roles, self.stack_layers))
 
 
 CONSTRUCTIONS: dict[str, Construction] = {
@@ -118,16 +147,33 @@ class Geometry:
     roles: tuple[str, ...] = ("q", "k", "v")
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    ffn_width: int | None = None  # d_ffn; read only when an MLP role is adapted
 
     @property
     def head_dim(self) -> int | None:
         return None if self.num_heads is None else self.attention_width // self.num_heads
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The families with at least one adapted role, in ``FAMILIES`` order."""
+        return tuple(f for f in FAMILIES if self.family_roles(f))
+
+    def family_roles(self, family: str) -> tuple[str, ...]:
+        return tuple(r for r in self.roles if r in FAMILIES[family])
+
     def role_width(self, role: str) -> int:
-        """Rows of the role's slice actually used: narrower for key/value under grouped-query attention."""
+        """Wide-side features of the role's update: narrower for key/value under grouped-query attention."""
+        if family_of(role) == "mlp":
+            return self.ffn_width
         if role in ("k", "v") and self.num_kv_heads is not None and self.head_dim is not None:
             return self.num_kv_heads * self.head_dim
         return self.attention_width
+
+    def role_shape(self, role: str) -> tuple[int, int]:
+        """(in_features, out_features) of the role's projection."""
+        if role in TRANSPOSED_ROLES:
+            return self.role_width(role), self.hidden_size
+        return self.hidden_size, self.role_width(role)
 
     def validate(self, construction: Construction) -> None:
         for name, value in (("hidden size", self.hidden_size), ("attention width", self.attention_width),
@@ -137,6 +183,11 @@ class Geometry:
         unknown = [r for r in self.roles if r not in ROLE_NAMES]
         if unknown or not self.roles or len(set(self.roles)) != len(self.roles):
             raise ValueError(f"Roles must be distinct names among {ROLE_NAMES}, got {list(self.roles)}.")
+        if "mlp" in self.families and (self.ffn_width is None or self.ffn_width <= 0):
+            raise ValueError(
+                f"The MLP roles {list(self.family_roles('mlp'))} need the MLP's intermediate size, but it is "
+                f"{self.ffn_width}; set `intermediate_size` in the model config."
+            )
         if self.num_heads is not None:
             if self.num_heads <= 0 or self.attention_width % self.num_heads:
                 raise ValueError(
@@ -150,20 +201,53 @@ class Geometry:
                     f"{self.num_heads} query heads cannot be grouped over {kv} key/value heads; check "
                     "`num_key_value_heads` in the model config."
                 )
-        elif construction.split_heads:
+        elif construction.split_heads and "attention" in self.families:
             raise ValueError(
                 f"The '{construction.name}' construction splits the attention side into heads, but the model "
                 "has no head information. Set `num_heads` in the TensLoraConfig, or choose a construction "
                 "without 'att' (qkv, depth, qkv_depth)."
             )
 
-    def mode_sizes(self, construction: Construction) -> dict[str, int]:
+    def mode_sizes(self, construction: Construction, family: str = "attention",
+                   role: str | None = None) -> dict[str, int]:
+        """Mode sizes of a tensor of ``family``; ``role`` names the one role a tensor without a role mode holds.
+
+        Without ``role`` the wide side is the family's widest (a tensor stacking k/v with q holds
+        them zero-padded); with it, the role's own width (a tensor of k alone has k's width).
+        """
         self.validate(construction)
-        sizes = {"in": self.hidden_size, "out": self.attention_width, "qkv": len(self.roles), "depth": self.num_layers}
+        construction = construction.for_family(family)
+        width = self.role_width(role) if role is not None else self.role_width(FAMILIES[family][0])
+        sizes = {"in": self.hidden_size, "out": width, "qkv": len(self.family_roles(family)),
+                 "depth": self.num_layers}
         if construction.split_heads:
             sizes["head_dim"] = self.head_dim
-            sizes["heads"] = self.num_heads
+            sizes["heads"] = width // self.head_dim
         return {mode: sizes[mode] for mode in construction.modes}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of an adapter: its family, the construction it follows and its mode sizes."""
+
+    key: str
+    family: str
+    construction: Construction
+    sizes: Mapping[str, int]
+
+
+def tensor_specs(construction: Construction, geometry: Geometry,
+                 layers: Sequence[int] | None = None) -> dict[str, TensorSpec]:
+    """Every tensor an adapter has, by key (sorted): one per family and per role/layer not stacked as a mode."""
+    layers = range(geometry.num_layers) if layers is None else layers
+    specs: dict[str, TensorSpec] = {}
+    for role in geometry.roles:
+        family = family_of(role)
+        sizes = geometry.mode_sizes(construction, family, None if construction.stack_roles else role)
+        for layer in layers:
+            key = tensor_key(construction, role, layer)
+            specs.setdefault(key, TensorSpec(key, family, construction.for_family(family), sizes))
+    return dict(sorted(specs.items()))
 
 
 def get_construction(name: str) -> Construction:
@@ -184,21 +268,25 @@ def check_factorization(name: str) -> str:
 
 
 def tensor_key(construction: Construction, role: str, layer: int) -> str:
-    """Name of the tensor that holds the update of ``role`` in ``layer`` (one tensor per index not stacked)."""
-    parts = [] if construction.stack_roles else [role]
+    """Name of the tensor that holds the update of ``role`` in ``layer`` (one tensor per index not stacked).
+
+    Attention tensors that stack the roles are named by layer alone (``layer0``, or ``all``); MLP
+    ones carry the family (``mlp_layer0``, ``mlp``); a tensor of one role is named by it (``up_layer0``).
+    """
+    family = family_of(role)
+    if construction.stack_roles:
+        parts = [] if family == "attention" else [family]
+    else:
+        parts = [role]
     parts += [] if construction.stack_layers else [f"layer{layer}"]
     return "_".join(parts) or "all"
 
 
-def tensor_keys(construction: Construction, roles: Sequence[str], layers: Sequence[int]) -> list[str]:
-    return sorted({tensor_key(construction, role, layer) for role in roles for layer in layers})
-
-
 def slice_index(construction: Construction, geometry: Geometry, role: str, layer_position: int) -> dict[str, int]:
-    """Position of the update along the index modes of its tensor."""
+    """Position of the update along the index modes of its tensor (the role mode counts its family's roles)."""
     index = {}
     if construction.stack_roles:
-        index["qkv"] = geometry.roles.index(role)
+        index["qkv"] = geometry.family_roles(family_of(role)).index(role)
     if construction.stack_layers:
         index["depth"] = layer_position
     return index
@@ -264,21 +352,106 @@ def resolve_cp_rank(ranks: RankSpec) -> int:
     return _positive_rank("cp", ranks)
 
 
-def resolve_ranks(construction: Construction, factorization: str, ranks: RankSpec,
-                  sizes: Mapping[str, int]) -> dict[str, int] | int:
+def _resolve_family_spec(construction: Construction, factorization: str, ranks: RankSpec,
+                         sizes: Mapping[str, float]) -> dict[str, int] | int:
     if factorization == "tucker":
         return resolve_tucker_ranks(construction, ranks, sizes)
     return resolve_cp_rank(ranks)
 
 
+def _family_specs(ranks: RankSpec) -> dict[str, RankSpec] | None:
+    """The specs of a family-keyed rank dict (``{"attention": ..., "mlp": ...}``); None for any other spec."""
+    if not isinstance(ranks, Mapping) or not any(key in FAMILIES for key in ranks):
+        return None
+    modes = [key for key in ranks if key not in FAMILIES]
+    if modes:
+        raise ValueError(
+            f"`ranks` mixes families {[k for k in ranks if k in FAMILIES]} with mode(s) {modes}. Key it by mode, or "
+            "by family: ranks={'attention': ..., 'mlp': ...}, each an int, a list or a dict keyed by mode."
+        )
+    return dict(ranks)
+
+
+def resolve_ranks(construction: Construction, factorization: str, ranks: RankSpec,
+                  sizes: Mapping[str, float]) -> dict[str, int] | int | dict[str, dict[str, int] | int]:
+    """One rank per mode of the tensors with mode ``sizes`` (CP: the one rank).
+
+    A family-keyed dict is resolved family by family, each against its family's construction
+    (modes missing from ``sizes`` are unbounded: this is how a config checks its ranks before it
+    knows a model); :func:`resolve_family_ranks` resolves against a model's real sizes.
+    """
+    specs = _family_specs(ranks)
+    if specs is None:
+        return _resolve_family_spec(construction, factorization, ranks, sizes)
+    resolved = {}
+    for family, spec in specs.items():
+        own = construction.for_family(family)
+        resolved[family] = _resolve_family_spec(own, factorization, spec,
+                                                {mode: sizes.get(mode, math.inf) for mode in own.modes})
+    return resolved
+
+
+def family_ranks(construction: Construction, ranks: RankSpec, families: Sequence[str]) -> dict[str, RankSpec]:
+    """Each adapted family's rank spec: a family-keyed dict gives each its own, any other spec applies to all.
+
+    In the *att* constructions the attention and MLP tensors have different modes (only attention
+    has the head split), so one list or mode dict cannot fit both: they need an int or a family dict.
+    """
+    specs = _family_specs(ranks)
+    if specs is None:
+        if construction.split_heads and len(families) > 1 and not isinstance(ranks, int):
+            attention, mlp = construction.modes, construction.for_family("mlp").modes
+            raise ValueError(
+                f"With attention and MLP roles the '{construction.name}' construction makes attention tensors with "
+                f"modes {list(attention)} and MLP tensors (no head split) with modes {list(mlp)}, so {ranks!r} "
+                "cannot fit both. Give one int, or ranks per family: ranks={'attention': ..., 'mlp': ...}."
+            )
+        return {family: ranks for family in families}
+    missing = [f for f in families if f not in specs]
+    unused = [f for f in specs if f not in families]
+    if missing or unused:
+        adapted = ", ".join(f"{f} ({'/'.join(FAMILIES[f])})" for f in families) or "none"
+        raise ValueError(
+            "`ranks` gives ranks per family, but "
+            + (f"none for {missing}" if missing else f"{unused} has no adapted role")
+            + f". The adapted families are: {adapted}; give exactly one entry for each (or one rank for all)."
+        )
+    return {family: specs[family] for family in families}
+
+
+def resolve_family_ranks(construction: Construction, factorization: str, ranks: RankSpec,
+                         geometry: Geometry) -> dict[str, dict[str, int] | int]:
+    """Each adapted family's ranks, resolved against its widest tensor (narrower ones: :func:`fit_ranks`)."""
+    specs = family_ranks(construction, ranks, geometry.families)
+    return {family: _resolve_family_spec(construction.for_family(family), factorization, spec,
+                                         geometry.mode_sizes(construction, family))
+            for family, spec in specs.items()}
+
+
+def fit_ranks(ranks: Mapping[str, int] | int, sizes: Mapping[str, int]) -> dict[str, int] | int:
+    """A family's ranks on one of its tensors: Tucker ranks capped at a narrower tensor's sizes (k/v under GQA)."""
+    if isinstance(ranks, int):
+        return ranks
+    return {mode: min(rank, sizes[mode]) for mode, rank in ranks.items()}
+
+
+def _preset_ranks(preset: Preset, ranks: RankSpec) -> RankSpec:
+    if preset.tucker_ranks is not None and isinstance(ranks, int) and not isinstance(ranks, bool):
+        r = _positive_rank("all", ranks)
+        return {mode: (r if rule == "r" else "full") for mode, rule in preset.tucker_ranks.items()}
+    return ranks
+
+
 def expand_preset(name: str, ranks: RankSpec) -> tuple[str, str, RankSpec]:
     """(construction, factorization, ranks) of a preset given the user's ``ranks``.
 
-    An int r becomes the preset's rank rule (e.g. LoTR: in=r, out=r, depth=full); anything else
-    is taken as explicit ranks of the underlying construction.
+    An int r becomes the preset's rank rule (e.g. LoTR: in=r, out=r, depth=full), for each family
+    when ranks are given per family; anything else is taken as explicit ranks of the construction.
     """
     preset = PRESETS[name]
-    if preset.tucker_ranks is not None and isinstance(ranks, int) and not isinstance(ranks, bool):
-        r = _positive_rank("all", ranks)
-        ranks = {mode: (r if rule == "r" else "full") for mode, rule in preset.tucker_ranks.items()}
+    specs = _family_specs(ranks)
+    if specs is None:
+        ranks = _preset_ranks(preset, ranks)
+    else:
+        ranks = {family: _preset_ranks(preset, spec) for family, spec in specs.items()}
     return preset.construction, preset.factorization, ranks

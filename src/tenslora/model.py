@@ -14,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from .architectures import (
     Target,
     config_value,
+    expand_roles,
     expected_shape,
     find_targets,
     geometry_from_config,
@@ -33,20 +34,21 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
     model_config = getattr(model, "config", None)
     model_type = None if model_config is None else config_value(model_config, "model_type")
     patterns = role_patterns_for(model_type, config.role_patterns, config.roles)
+    roles = expand_roles(config.roles, patterns)  # "all-linear": every role the model's table has
     if config.target_modules is None:
-        config.target_modules = target_regex(patterns, config.roles)
+        config.target_modules = target_regex(patterns, roles)
     modules = dict(model.named_modules())
     names = [name for name in modules if name and check_target_module_exists(config, name)]
-    targets = find_targets(names, patterns, config.roles, config.layer_pattern, config.layers_to_transform)
+    targets = find_targets(names, patterns, roles, config.layer_pattern, config.layers_to_transform)
     if not targets:
         raise ValueError(
-            f"No attention projection for roles {config.roles} was found in the model (looked for {patterns}). "
+            f"No projection for roles {list(roles)} was found in the model (looked for {patterns}). "
             "If the model is not a known architecture, pass `role_patterns` (and maybe `layer_pattern`) in the "
             "TensLoraConfig; check `target_modules`, `exclude_modules` and `layers_to_transform`."
         )
     if model_config is None:
         raise ValueError("The model has no `config`; TensLoRA reads hidden size, heads and layers from it.")
-    geometry = geometry_from_config(model_config, config.roles, config.num_heads)
+    geometry = geometry_from_config(model_config, roles, config.num_heads)
     layers = sorted({t.layer for t in targets})
     geometry = dataclasses.replace(geometry, num_layers=len(layers))
     geometry.validate(get_construction(config.construction))
@@ -61,8 +63,9 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
             raise ValueError(
                 f"Module '{target.name}' ({'+'.join(target.fused_roles)}) maps {shape[0]} -> {shape[1]} features, "
                 f"but the model config implies {expected_shape(geometry, target.fused_roles)} (hidden size "
-                f"{geometry.hidden_size}, attention width {geometry.attention_width}). Check the config's "
-                "hidden_size / num_attention_heads / head_dim / num_key_value_heads, or `role_patterns`."
+                f"{geometry.hidden_size}, attention width {geometry.attention_width}, MLP width "
+                f"{geometry.ffn_width}). Check the config's hidden_size / num_attention_heads / head_dim / "
+                "num_key_value_heads / intermediate_size, or `role_patterns`."
             )
     missing_roles = [r for r in geometry.roles if r not in {role for t in targets for role in t.roles}]
     if missing_roles:
@@ -91,7 +94,7 @@ def segments_for(target: Target, geometry: Geometry, bank: TensorBank) -> list[S
     """Output ranges of the module, in the order its fused roles lay them out."""
     segments, start = [], 0
     for role in target.fused_roles:
-        width = geometry.hidden_size if role == "o" else geometry.role_width(role)
+        width = geometry.role_shape(role)[1]
         address = bank.address(role, target.layer) if role in target.roles else None
         segments.append(Segment(start, start + width, address))
         start += width
