@@ -5,6 +5,7 @@ from .api import count_parameters, lora_parameter_count, match_budget, model_geo
 from .config import TensLoraConfig
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from .layer import TensLoraLayer
+from .lora_export import export_lora
 from .model import TensLoraModel
 from .persistence import load_adapter, save_adapter
 from .registration import register
@@ -19,6 +20,7 @@ __all__ = [
     "TensLoraLayer",
     "TensLoraModel",
     "count_parameters",
+    "export_lora",
     "load_adapter",
     "lora_parameter_count",
     "match_budget",

@@ -16,7 +16,7 @@ from typing import Any
 from .construction import TENSOR_CONSTRUCTIONS
 from .data import BUILTIN_TASKS
 from .data.metrics import METRICS
-from .export import merge_run
+from .export import export_run, merge_run
 from .modeling import default_text_model, load_model_config
 from .options import DEFAULT_RUN_SAMPLES, DEFAULT_TASK, TrainOptions, options_from_mapping, read_config_file
 from .params import format_parameter_table
@@ -204,6 +204,12 @@ def command_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_export_lora(args: argparse.Namespace) -> int:
+    out = export_run(args.run_dir, args.out_dir)
+    print(f"LoRA adapter written to {out}/ (PeftModel.from_pretrained loads it without tenslora; see docs/cli.md)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tenslora", description="Tensor low-rank adapters (TensLoRA): "
                                      "fine-tune, compare with LoRA, evaluate, count parameters, merge.")
@@ -253,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
     merge.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged model (must not exist)")
     merge.set_defaults(handler=command_merge)
+
+    export = commands.add_parser("export-lora", help="write a run's adapter as a standard PEFT LoRA adapter (exact)",
+                                 description="Write the adapter of a `tenslora train` run as a plain PEFT LoRA "
+                                 "adapter (peft_type LORA, same outputs, the trained head as modules_to_save), "
+                                 "for PeftModel.from_pretrained without tenslora and for LoRA serving engines.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
+    export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the adapter (new or empty folder)")
+    export.set_defaults(handler=command_export_lora)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""``merge_run``: a trained run as one plain transformers model folder, adapter merged into the weights."""
+"""A trained run as something that serves without tenslora: ``merge_run`` (one plain transformers model
+folder, adapter merged into the weights) and ``export_run`` (a standard PEFT LoRA adapter folder)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from .lora_export import lora_adapter, new_folder, write_lora
 from .modeling import load_trained_model
 from .runs import read_run
 
@@ -18,13 +20,25 @@ def merge_run(run_dir: str, out_dir: str) -> Path:
     ``AutoModelForSequenceClassification.from_pretrained(out_dir, trust_remote_code=True)`` rebuilds
     it (and ``AutoModel.from_pretrained(out_dir)`` gives the encoder alone). See docs/cli.md.
     """
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"'{out}' exists and is not empty; choose a new OUT_DIR for the merged model.")
     run = read_run(run_dir)
-    model, preprocessor = load_trained_model(run_dir, run)
-    if isinstance(model, PeftModel):
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
-    preprocessor.save_pretrained(out)
-    return out
+    with new_folder(out_dir) as staging:
+        model, preprocessor = load_trained_model(run_dir, run)
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        model.save_pretrained(staging)
+        preprocessor.save_pretrained(staging)
+    return Path(out_dir)
+
+
+def export_run(run_dir: str, out_dir: str) -> Path:
+    """Write the run's adapter as a standard PEFT LoRA adapter (exact: see ``lora_export``), with its
+    tokenizer / image processor, so that ``PeftModel.from_pretrained`` serves it without tenslora."""
+    run = read_run(run_dir)
+    if "adapter" not in run:
+        raise ValueError(f"The run in '{run_dir}' trained the classification head only: it has no adapter to "
+                         "export. `tenslora merge` saves its model as a plain transformers folder.")
+    with new_folder(out_dir) as staging:
+        model, preprocessor = load_trained_model(run_dir, run)
+        write_lora(*lora_adapter(model), staging)
+        preprocessor.save_pretrained(staging)
+    return Path(out_dir)

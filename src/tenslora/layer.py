@@ -123,3 +123,7 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "tenslora." + super().__repr__()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Every update is additive and of low rank: PEFT's ``convert_to_lora`` applies (see lora_export)."""
+        return True

@@ -1,0 +1,148 @@
+"""A TensLoRA adapter written as a plain PEFT LoRA adapter, with no approximation.
+
+Every slice of a TensLoRA tensor is ``Delta W = s * (U_in B)^T``, of rank at most ``r_in`` (``R`` for CP):
+it *is* a LoRA with ``A = U_in^T`` and ``B = s * B^T``. A transposed slice (the attention output ``o``,
+whose update is the slice transposed) swaps the two: ``A = B`` and ``B = s * U_in``. A fused projection
+(GPT-2's ``c_attn``: q, k and v side by side) gets one LoRA whose ``A`` stacks the distinct input
+factors of its slices and whose ``B`` is block-structured (zero rows where a role is not adapted).
+
+The exported folder is an ordinary LoRA adapter: ``PeftModel.from_pretrained`` loads it in a process
+that never imports tenslora, and engines that serve LoRA adapters (multi-adapter batching included)
+serve it as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .config import TensLoraConfig
+from .layer import TensLoraLayer
+
+_MODEL_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules in a saved adapter
+
+
+@torch.no_grad()
+def layer_lora_factors(layer: TensLoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA pair of one adapted module: ``B @ A`` is its scaled update in ``nn.Linear`` layout.
+
+    ``A`` is (rank x in_features), ``B`` is (out_features x rank), as PEFT's ``lora_A`` / ``lora_B``
+    weights are for a Linear and a Conv1D alike. Slices of one tensor share ``U_in``, so a fused
+    module stacks each distinct input factor once.
+    """
+    bank, scaling = layer._banks[adapter_name], layer._scaling[adapter_name]
+    blocks: dict[object, torch.Tensor] = {}  # the row blocks of A, one per distinct input factor
+    updates = []  # (output rows, block of A they read, their columns of B)
+    for position, segment in enumerate(layer._segments[adapter_name]):
+        address = segment.address
+        if address is None:
+            continue
+        tensor = bank.tensor(address.key)
+        output = tensor.output_matrix(address.index)[:, : address.width]
+        if address.transposed:
+            block, a, b = ("transposed", position), output, tensor.input_factor() * scaling
+        else:
+            block, a, b = address.key, tensor.input_factor().T, output.T * scaling
+        blocks.setdefault(block, a)
+        updates.append((segment, block, b))
+    offsets, start = {}, 0
+    for block, a in blocks.items():
+        offsets[block], start = start, start + a.shape[0]
+    lora_a = torch.cat(list(blocks.values()))
+    lora_b = lora_a.new_zeros(layer.out_features, lora_a.shape[0])
+    for segment, block, b in updates:
+        lora_b[segment.start : segment.stop, offsets[block] : offsets[block] + b.shape[1]] = b
+    return lora_a, lora_b
+
+
+def lora_adapter(peft_model: PeftModel, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The ``LoraConfig`` and saved-adapter state dict equal to a TensLoRA adapter (what ``export_lora`` writes).
+
+    ``lora_alpha`` equals each module's rank (PEFT's scale ``lora_alpha / r`` is 1; TensLoRA's scaling is in
+    ``B``). The global ``r`` is the largest module rank; modules of another rank are listed in
+    ``rank_pattern`` and ``alpha_pattern``. Modules besides the adapter (the trained head) are kept as
+    ``modules_to_save``, under the keys PEFT saves them with.
+    """
+    config = _tenslora_config(peft_model, adapter_name)
+    model = peft_model.base_model.model
+    factors, conv1d = {}, set()
+    for name, module in model.named_modules():
+        if isinstance(module, TensLoraLayer) and adapter_name in module._banks:
+            factors[name] = layer_lora_factors(module, adapter_name)
+            conv1d.add(module.is_conv1d)
+    if len(conv1d) > 1:
+        raise ValueError("This adapter wraps both nn.Linear and Conv1D modules; a LoRA adapter stores one "
+                         "`fan_in_fan_out` for all of them. Export the two kinds as separate adapters.")
+    ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
+    rank = max(ranks.values())
+    other_ranks = {name: r for name, r in ranks.items() if r != rank}
+    lora_config = LoraConfig(
+        task_type=config.task_type, base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision, r=rank, lora_alpha=rank, target_modules=sorted(factors),
+        rank_pattern=other_ranks, alpha_pattern=dict(other_ranks), lora_dropout=config.dropout,
+        fan_in_fan_out=conv1d == {True}, modules_to_save=config.modules_to_save, bias="none", inference_mode=True,
+    )
+    state = {key: value for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()
+             if key.startswith(_MODEL_PREFIX)}
+    for name, (lora_a, lora_b) in factors.items():
+        state[f"{_MODEL_PREFIX}{name}.lora_A.weight"] = lora_a
+        state[f"{_MODEL_PREFIX}{name}.lora_B.weight"] = lora_b
+    return lora_config, {key: value.detach().cpu().contiguous() for key, value in state.items()}
+
+
+def export_lora(peft_model: PeftModel, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write the TensLoRA adapter ``adapter_name`` of ``peft_model`` as a standard PEFT LoRA adapter folder.
+
+    ``PeftModel.from_pretrained(base_model, out_dir)`` then gives the same outputs as the TensLoRA model,
+    with or without tenslora installed. ``out_dir`` must be new or empty; it appears whole or not at all.
+    """
+    lora_config, state = lora_adapter(peft_model, adapter_name)
+    with new_folder(out_dir) as staging:
+        write_lora(lora_config, state, staging)
+    return Path(out_dir)
+
+
+def write_lora(lora_config: LoraConfig, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """The two files of a PEFT adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors``."""
+    lora_config.save_pretrained(str(folder))
+    save_file(state, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+@contextmanager
+def new_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder beside ``path`` to write into, renamed to ``path`` when the block succeeds.
+
+    ``path`` must not exist or be empty: an export never mixes its files with others'.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"'{path}' exists and is not an empty folder; choose a new output folder.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield staging
+        os.replace(staging, path)  # an empty folder at `path` is replaced too
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _tenslora_config(peft_model: PeftModel, adapter_name: str) -> TensLoraConfig:
+    if not isinstance(peft_model, PeftModel):
+        raise ValueError(f"export_lora takes the PeftModel that carries the adapter, got a "
+                         f"{type(peft_model).__name__}; pass the model returned by get_peft_model or "
+                         "PeftModel.from_pretrained (before merge_and_unload).")
+    config = peft_model.peft_config.get(adapter_name)
+    if config is None:
+        raise ValueError(f"The model has no adapter named '{adapter_name}'; it has {list(peft_model.peft_config)}.")
+    if not isinstance(config, TensLoraConfig):
+        raise ValueError(f"Adapter '{adapter_name}' is a {config.peft_type} adapter, not a TensLoRA one.")
+    return config

@@ -1,0 +1,182 @@
+"""Exact export to a plain PEFT LoRA adapter, loaded where tenslora is never imported; PEFT's own conversion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import peft
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import tenslora
+from tenslora import TensLoraConfig, TensLoraLayer
+from tenslora.cli import main
+from tenslora.lora_export import layer_lora_factors
+from tenslora.modeling import build_classifier, load_trained_model
+from tenslora.runs import read_run
+from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
+from tiny import bert, gpt2, inputs, llama
+
+# name: (model builder, adapter options). Together: BERT with `o` (a transposed slice), LLaMA's grouped-query
+# k/v (narrower slices), GPT-2's fused Conv1D `c_attn` with one role left out and with q, k, v sharing U_in,
+# modules of different ranks (GPT-2's c_attn stacks three input factors, c_proj has one), Tucker and CP.
+CASES = {
+    "bert-tucker-o": (bert, dict(construction="qkv_depth", factorization="tucker", roles=["q", "k", "v", "o"],
+                                 ranks=3)),
+    "bert-att-cp": (bert, dict(construction="att_qkv_depth", factorization="cp", roles=["q", "v", "o"], ranks=4)),
+    "llama-gqa-cp": (llama, dict(construction="depth", factorization="cp", roles=["q", "k", "v", "o"], ranks=3)),
+    "gpt2-qv-tucker": (gpt2, dict(construction="qkv", factorization="tucker", roles=["q", "v"], ranks=2)),
+    "gpt2-depth-tucker": (gpt2, dict(construction="depth", factorization="tucker", roles=["q", "k", "v", "o"],
+                                     ranks=2)),
+}
+
+
+def _adapted(name: str) -> PeftModel:
+    """A TensLoRA model whose update and head are far from the base model's (random factors, moved head)."""
+    build, options = CASES[name]
+    config = TensLoraConfig(task_type="SEQ_CLS", init_weights=False, scaling=3.0, **options)
+    model = get_peft_model(build(), config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, peft.utils.other.ModulesToSaveWrapper):
+                for parameter in module.modules_to_save["default"].parameters():
+                    parameter.add_(0.1)
+    return model
+
+
+_LOAD_WITHOUT_TENSLORA = """
+    import json, sys, torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+    for case in json.loads(sys.argv[1]):
+        base = AutoModelForSequenceClassification.from_pretrained(case["base"]).eval()
+        model = PeftModel.from_pretrained(base, case["lora"]).eval()
+        with torch.no_grad():
+            torch.save(model(**torch.load(case["inputs"])).logits, case["logits"])
+    loaded = [name for name in sys.modules if name == "tenslora" or name.startswith("tenslora.")]
+    assert not loaded, loaded
+"""
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict[str, dict]:
+    """Every case exported, then loaded in ONE fresh interpreter that never imports tenslora."""
+    root = tmp_path_factory.mktemp("export")
+    cases = {}
+    for name, (build, _) in CASES.items():
+        folder = root / name
+        build().save_pretrained(folder / "base")  # the same seeded weights the adapter was built on
+        model = _adapted(name)
+        batch = inputs("bert")  # token ids (no padding), valid for every text model here
+        torch.save(batch, folder / "inputs.pt")
+        with torch.no_grad():
+            expected = model(**batch).logits
+            with model.disable_adapter():
+                base_logits = model(**batch).logits
+        tenslora.export_lora(model, folder / "lora")
+        cases[name] = dict(model=model, expected=expected, base_logits=base_logits, folder=folder,
+                           paths=dict(base=str(folder / "base"), lora=str(folder / "lora"),
+                                      inputs=str(folder / "inputs.pt"), logits=str(folder / "logits.pt")))
+    subprocess.run([sys.executable, "-c", textwrap.dedent(_LOAD_WITHOUT_TENSLORA),
+                    json.dumps([case["paths"] for case in cases.values()])], check=True, cwd=root)
+    return cases
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_loads_without_tenslora_and_gives_the_same_outputs(exported, name):
+    case = exported[name]
+    got = torch.load(case["paths"]["logits"])
+    assert (case["expected"] - case["base_logits"]).abs().max() > 1e-2  # the adapter and head matter
+    torch.testing.assert_close(got, case["expected"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_exported_config_is_plain_lora(exported, name):
+    case = exported[name]
+    config = json.loads((case["folder"] / "lora" / "adapter_config.json").read_text())
+    layers = {n: m for n, m in case["model"].base_model.model.named_modules() if isinstance(m, TensLoraLayer)}
+    assert config["peft_type"] == "LORA" and sorted(config["target_modules"]) == sorted(layers)
+    assert config["lora_alpha"] == config["r"] and config["modules_to_save"] and config["fan_in_fan_out"] == (
+        name.startswith("gpt2"))
+    assert sorted(p.name for p in (case["folder"] / "lora").iterdir()) == ["adapter_config.json",
+                                                                            "adapter_model.safetensors"]
+
+
+def test_fused_module_stacks_distinct_input_factors(exported):
+    """c_attn with q, k, v in their own tensors: rank 3 r_in; with q, v sharing U_in: r_in; c_proj (o): r_in."""
+    depth = json.loads((exported["gpt2-depth-tucker"]["folder"] / "lora" / "adapter_config.json").read_text())
+    assert depth["r"] == 6 and depth["alpha_pattern"] == depth["rank_pattern"]
+    assert depth["rank_pattern"] == {f"transformer.h.{i}.attn.c_proj": 2 for i in range(2)}
+    shared = json.loads((exported["gpt2-qv-tucker"]["folder"] / "lora" / "adapter_config.json").read_text())
+    assert shared["r"] == 2 and shared["rank_pattern"] == {}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_factors_and_peft_conversion_give_the_update(exported, name):
+    """B A is the layer's own update; PEFT's convert_to_lora (SVD of get_delta_weight) finds the same one."""
+    model = exported[name]["model"]
+    assert model.supports_lora_conversion()
+    rank = json.loads((exported[name]["folder"] / "lora" / "adapter_config.json").read_text())["r"]
+    _, converted = peft.convert_to_lora(model, rank=rank)
+    for module_name, module in model.named_modules():
+        if not isinstance(module, TensLoraLayer):
+            continue
+        lora_a, lora_b = layer_lora_factors(module, "default")
+        delta = module.get_delta_weight("default")
+        delta = delta.T if module.is_conv1d else delta
+        torch.testing.assert_close(lora_b @ lora_a, delta, atol=1e-6, rtol=1e-5)
+        peft_delta = converted[f"{module_name}.lora_B.weight"] @ converted[f"{module_name}.lora_A.weight"]
+        torch.testing.assert_close(peft_delta, delta, atol=1e-5, rtol=1e-4)
+
+
+def test_refusals(exported, tmp_path):
+    model = exported["bert-tucker-o"]["model"]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        tenslora.export_lora(model, tmp_path / "full")
+    with pytest.raises(ValueError, match="no adapter named 'other'"):
+        tenslora.export_lora(model, tmp_path / "out", adapter_name="other")
+    with pytest.raises(ValueError, match="PeftModel"):
+        tenslora.export_lora(model.get_base_model(), tmp_path / "out")
+    lora = get_peft_model(bert(), peft.LoraConfig(target_modules=["query"]))
+    with pytest.raises(ValueError, match="not a TensLoRA one"):
+        tenslora.export_lora(lora, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]  # no staging folder left behind
+
+
+_TRAIN = ["--task", "glue-mrpc", "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--lr", "1e-2",
+          "--max-length", "32", "--no-bf16"]
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_export_lora_command(pooling, tiny, tmp_path):  # noqa: F811
+    """`tenslora export-lora RUN OUT` writes an adapter that PEFT loads onto the run's base classifier."""
+    run, out = tmp_path / "run", tmp_path / "lora"
+    assert main(["train", *_TRAIN, "--data-dir", str(tiny / "mrpc"), "--output-dir", str(run), "--model",
+                 str(tiny / "bert"), "--pooling", pooling, "--roles", "q,v,o"]) == 0
+    assert main(["export-lora", str(run), str(out)]) == 0
+    assert (out / "tokenizer.json").is_file()
+    recorded = read_run(run)
+    trained, tokenizer = load_trained_model(str(run), recorded)
+    base = build_classifier(recorded["model"], recorded["labels"], "text", pooling)
+    exported_model = PeftModel.from_pretrained(base, str(out)).eval()
+    batch = tokenizer(["cat runs", "big red dog jumps"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported_model(**batch).logits, trained.eval()(**batch).logits,
+                                   atol=1e-5, rtol=1e-5)
+    assert main(["export-lora", str(run), str(out)]) == 2  # never writes into a folder that holds files
+
+
+def test_export_lora_refuses_a_head_only_run(tiny, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(["train", *_TRAIN, "--data-dir", str(tiny / "mrpc"), "--output-dir", str(run), "--model",
+                 str(tiny / "bert"), "--head-only"]) == 0
+    capsys.readouterr()
+    assert main(["export-lora", str(run), str(tmp_path / "lora")]) == 2
+    assert "no adapter to export" in capsys.readouterr().err
+    assert not (tmp_path / "lora").exists()
