@@ -1,15 +1,99 @@
-"""``TensLoraConfig``: the PEFT config of a tensor adapter."""
+"""``TensLoraConfig``: the PEFT config of a tensor adapter, checked when it is built."""
 
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .construction import PRESETS, ROLE_NAMES, check_factorization, expand_preset, get_construction, resolve_ranks
+from .construction import (
+    ALL_LINEAR,
+    PRESETS,
+    ROLE_NAMES,
+    check_factorization,
+    expand_preset,
+    get_construction,
+    resolve_ranks,
+)
 from .registration import tenslora_peft_type
+
+#: What ``bias`` may be, with LoRA's meaning: train no bias, every bias of the model, or those of adapted modules.
+BIAS_CHOICES = ("none", "all", "tenslora_only")
+
+
+def _integer(name: str, value: object) -> int:
+    """An int, also when it arrives as a string ("8", from YAML/JSON/the environment); anything else by name."""
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise ValueError(f"`{name}` must be an integer, got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer, got {value!r} ({type(value).__name__}).")
+    return value
+
+
+def _real(name: str, value: object) -> float:
+    """A finite float, also when it arrives as a string ("0.1")."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"`{name}` must be a number, got {value!r}.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _flag(name: str, value: object) -> bool:
+    """A bool; the strings "true"/"false" (and yes/no, 1/0) are read as such, never as a non-empty string's truth."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be true or false, got {value!r}.")
+    return value
+
+
+def _ranks(value: object) -> object:
+    """Digit strings become ints, in lists and (family- or mode-keyed) dicts too; "full" and anything else are
+    left to ``resolve_ranks``, which says what is wrong."""
+    if isinstance(value, Mapping):
+        return {key: _ranks(rank) for key, rank in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_ranks(rank) for rank in value]
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
+def _roles(value: object) -> Union[list[str], str]:
+    """Role names in ``ROLE_NAMES`` order; "q,k,v" is read as three roles, "all-linear" is kept as it is."""
+    if isinstance(value, str):
+        value = [role.strip() for role in value.split(",") if role.strip()]
+    if isinstance(value, (list, tuple)) and list(value) == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, str) for r in value) \
+            or any(r not in ROLE_NAMES for r in value) or len(set(value)) != len(value):
+        raise ValueError(f"`roles` must be distinct names among {list(ROLE_NAMES)} (a list, or one string such as "
+                         f"'q,k,v'), or '{ALL_LINEAR}'; got {value!r}.")
+    return [r for r in ROLE_NAMES if r in value]  # the qkv mode follows ROLE_NAMES order
+
+
+def _regex(what: str, pattern: object, layer_group: bool = False) -> str:
+    """``pattern`` compiled once here, so that a typo fails when the config is built and names the option."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{what} must be a regular expression (a string), got {pattern!r}.")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"{what} '{pattern}' is not a valid regular expression ({error}).") from None
+    if layer_group and compiled.groups < 1:
+        raise ValueError(f"{what} '{pattern}' has no capture group; it needs one around the layer index, "
+                         r"e.g. r'\.layers\.(\d+)\.'.")
+    return pattern
 
 
 @dataclass
@@ -44,9 +128,10 @@ class TensLoraConfig(PeftConfig):
                           "lora_alpha / r corresponds to scaling."},
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, as LoRA's lora_dropout."})
-    roles: list[str] = field(
+    roles: Union[list[str], str] = field(
         default_factory=lambda: ["q", "k", "v"],
-        metadata={"help": "Projections to adapt: any of q, k, v, o (o = attention output). They form the qkv mode."},
+        metadata={"help": "Projections to adapt: any of q, k, v, o (o = attention output), as a list or one "
+                          "comma-separated string ('q,k,v'). They form the qkv mode."},
     )
     role_patterns: Optional[dict[str, str]] = field(
         default=None,
@@ -87,7 +172,13 @@ class TensLoraConfig(PeftConfig):
         default=None,
         metadata={"help": "Modules besides the adapter to train and save (PEFT adds the classifier for SEQ_CLS)."},
     )
-    bias: str = field(default="none", metadata={"help": "Kept for PEFT; TensLoRA trains no bias."})
+    bias: str = field(
+        default="none",
+        metadata={"help": "Biases trained (and saved) with the adapter, as LoRA's `bias`: 'none', 'all' (every bias "
+                          "of the model) or 'tenslora_only' (the biases of the adapted projections). A trained bias "
+                          "stays in the model when the adapter is disabled or unloaded, and PEFT allows it on one "
+                          "adapter of a model only."},
+    )
     geometry: Optional[dict] = field(
         default=None,
         metadata={"help": "Sizes of the model the adapter was built for (hidden size, attention width, layers, "
@@ -98,6 +189,10 @@ class TensLoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = tenslora_peft_type()
+        for name in ("construction", "factorization"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"`{name}` must be a name (a string), got {getattr(self, name)!r}.")
+        self.ranks = _ranks(self.ranks)
         if self.construction in PRESETS:
             construction, factorization, self.ranks = expand_preset(self.construction, self.ranks)
             if self.factorization not in (None, factorization):
@@ -108,19 +203,37 @@ class TensLoraConfig(PeftConfig):
             self.construction, self.factorization = construction, factorization
         spec = get_construction(self.construction)
         self.factorization = check_factorization(self.factorization or "tucker")
-        if isinstance(self.ranks, tuple):
-            self.ranks = list(self.ranks)
         # Check the shape of `ranks` now (count, mode names, positivity); sizes are known only with a model.
         resolve_ranks(spec, self.factorization, self.ranks, {mode: math.inf for mode in spec.modes})
-        if self.bias != "none":
-            raise ValueError("TensLoRA trains no bias; set bias='none'.")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"`bias` must be one of {list(BIAS_CHOICES)} (as LoRA's, with 'tenslora_only' for "
+                             f"'lora_only'), got {self.bias!r}.")
+        self.dropout = _real("dropout", self.dropout)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if not math.isfinite(self.scaling):
-            raise ValueError(f"scaling must be a finite number, got {self.scaling}.")
-        self.roles = list(self.roles)
-        if not self.roles or any(r not in ROLE_NAMES for r in self.roles) or len(set(self.roles)) != len(self.roles):
-            raise ValueError(f"roles must be distinct names among {list(ROLE_NAMES)}, got {self.roles}.")
-        self.roles = [r for r in ROLE_NAMES if r in self.roles]  # the qkv mode follows q, k, v, o order
-        if isinstance(self.layers_to_transform, int):
-            self.layers_to_transform = [self.layers_to_transform]
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
+        self.scaling = _real("scaling", self.scaling)
+        self.init_weights = _flag("init_weights", self.init_weights)
+        self.roles = _roles(self.roles)
+        if self.num_heads is not None:
+            self.num_heads = _integer("num_heads", self.num_heads)
+            if self.num_heads <= 0:
+                raise ValueError(f"`num_heads` must be a positive integer, got {self.num_heads}.")
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            layers = [layers] if isinstance(layers, (int, str)) else layers
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ValueError(f"`layers_to_transform` must be a layer index or a list of them, got {layers!r}.")
+            self.layers_to_transform = [_integer("layers_to_transform", layer) for layer in layers]
+            if any(layer < 0 for layer in self.layers_to_transform):
+                raise ValueError(f"`layers_to_transform` holds layer indices (0, 1, ...), got {layers!r}.")
+        if self.layer_pattern is not None:
+            _regex("`layer_pattern`", self.layer_pattern, layer_group=True)
+        if self.role_patterns is not None:
+            if not isinstance(self.role_patterns, Mapping) or not self.role_patterns:
+                raise ValueError(f"`role_patterns` must map role names to regular expressions, e.g. "
+                                 f"{{'q': r'attn\\.q_proj'}}; got {self.role_patterns!r}.")
+            unknown = [role for role in self.role_patterns if role not in ROLE_NAMES]
+            if unknown:
+                raise ValueError(f"`role_patterns` has unknown role(s) {unknown}; roles are {list(ROLE_NAMES)}.")
+            self.role_patterns = {role: _regex(f"The pattern of role '{role}' in `role_patterns`", pattern)
+                                  for role, pattern in self.role_patterns.items()}

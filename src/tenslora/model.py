@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_target_module_exists
+from peft.utils.integrations import init_empty_weights
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -22,6 +26,7 @@ from .architectures import (
     target_regex,
 )
 from .bank import TensorBank
+from .budget import count_adapter_parameters
 from .config import TensLoraConfig
 from .construction import Geometry, get_construction
 from .layer import Segment, TensLoraLayer
@@ -112,18 +117,28 @@ class TensLoraModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-        config = self.peft_config[adapter_name]
+        config = self._config_for_this_model(adapter_name)
         targets, geometry = plan_targets(model, config)
-        bank = TensorBank(get_construction(config.construction), config.factorization, config.ranks, geometry,
-                          sorted({t.layer for t in targets}))
+        _check_one_module_per_slot(targets)
+        _check_adapter_size(config, geometry)
+        # Under low_cpu_mem_usage (PeftModel.from_pretrained builds the whole tuner so) the factors are created on
+        # the meta device, as LoRA's are, and the loaded tensors are assigned in their place.
+        with init_empty_weights() if low_cpu_mem_usage else nullcontext():
+            bank = TensorBank(get_construction(config.construction), config.factorization, config.ranks, geometry,
+                              sorted({t.layer for t in targets}))
         if not config.init_weights:
             with torch.no_grad():
                 for parameter in bank.parameters():
                     parameter.normal_(0.0, 1.0 / parameter.shape[0] ** 0.5)
-        device = next(model.parameters()).device
+        if not any(parameter.is_meta for parameter in bank.parameters()):
+            bank = bank.to(next(model.parameters()).device)
         if _BANKS not in self._modules:
             self.tenslora_tensors = nn.ModuleDict()
-        self.tenslora_tensors[adapter_name] = bank.to(device)
+        self._check_adapter_name(adapter_name, bank)
+        # PEFT restores the trainability of the model's existing parameters after adding an adapter (a frozen
+        # second adapter must not freeze the one being trained); the banks live outside the model, so here.
+        trainable = [(p, p.requires_grad) for b in self.tenslora_tensors.values() for p in b.parameters()]
+        self.tenslora_tensors[adapter_name] = bank
         if not hasattr(self, "_pass_hooks"):
             # Products reused within a forward pass must not outlive it: not into the next pass, and not
             # into the recomputation of a checkpointed layer (which must recompute what it saved).
@@ -138,6 +153,34 @@ class TensLoraModel(BaseTuner):
             raise
         finally:
             del self._pending_targets, self._pending_geometry
+        for parameter, requires_grad in trainable:
+            parameter.requires_grad_(requires_grad)
+
+    def _config_for_this_model(self, adapter_name: str) -> TensLoraConfig:
+        """The adapter's config, copied when it is new: attaching records the model's sizes and target modules in
+        the config, and the caller's object must stay reusable for another model. A config loaded with a saved
+        adapter already holds sizes, and is checked against the model instead."""
+        config = self.peft_config[adapter_name]
+        if config.geometry is None:
+            config = self.peft_config[adapter_name] = copy.deepcopy(config)
+        return config
+
+    def _check_adapter_name(self, adapter_name: str, bank: TensorBank) -> None:
+        """PEFT tells adapters apart by finding ``.<name>.`` in state-dict keys: a name that is also a part of
+        another adapter's tensor paths (``all``, ``in``, ``core``, ... depending on the constructions) would make
+        saving that adapter leave tensors out, so it is refused (either way round, whichever adapter came first)."""
+        banks = {**self.tenslora_tensors, adapter_name: bank}
+        pairs = [(adapter_name, other) for other in banks if other != adapter_name]
+        pairs += [(other, adapter_name) for other in banks if other != adapter_name]
+        for name, owner in pairs:
+            paths = [f"{_BANKS}.{owner}.{key}" for key in banks[owner].state_dict()]
+            clash = next((path for path in paths if name in path.split(".")[:1] + path.split(".")[2:]), None)
+            if clash is not None:
+                raise ValueError(
+                    f"The adapter name '{name}' is also a part of the tensor path '{clash}' of adapter '{owner}'; "
+                    f"PEFT would then save '{owner}' without those tensors. Choose another adapter name (e.g. "
+                    f"'{name}_adapter')."
+                )
 
     def _clear_projections(self, *hook_args) -> None:
         for bank in self.tenslora_tensors.values():
@@ -145,9 +188,9 @@ class TensLoraModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
-        for hook in self._pass_hooks:  # the returned model is plain: no hook, no reference to the tensors
+        # The returned model is plain: no hook, no reference to the tensors. A second unload finds nothing to remove.
+        for hook in self.__dict__.pop("_pass_hooks", ()):
             hook.remove()
-        del self._pass_hooks
         return model
 
     def _check_target_module_exists(self, peft_config: TensLoraConfig, key: str) -> bool:
@@ -187,8 +230,12 @@ class TensLoraModel(BaseTuner):
             self.tenslora_tensors[name].requires_grad_(requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """As LoRA: deleting an active adapter makes the remaining one(s) active and trainable."""
+        was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
         del self.tenslora_tensors[adapter_name]
+        if was_active:
+            self._set_bank_requires_grad(self.active_adapters, inference_mode=False)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """Factors stay fp32 by default (as PEFT keeps LoRA weights), else follow the base model's dtype."""
@@ -196,8 +243,57 @@ class TensLoraModel(BaseTuner):
         self.tenslora_tensors[adapter_name].to(dtype)
 
     @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: TensLoraConfig, adapter_name: str,
+                                           state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's remapping, then a check that the saved tensors have the shapes the saved config implies: an
+        edited or mixed-up adapter_config.json is named as such, not left to a size-mismatch RuntimeError."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        marker = f"{_BANKS}.{adapter_name}."
+        for key, value in remapped.items():
+            if marker in key and key in own and tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(
+                    f"The saved tensor '{key.split(marker, 1)[1]}' of adapter '{adapter_name}' has shape "
+                    f"{tuple(value.shape)}, but its adapter_config.json (construction '{config.construction}', "
+                    f"{config.factorization}, ranks {config.ranks}) implies {tuple(own[key].shape)}. The config and "
+                    "the weights do not belong together: re-save the adapter, or restore its adapter_config.json."
+                )
+        return remapped
+
+    @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         marker = f"{_BANKS}.{adapter_name}."
         if marker in key:
             return key.replace(marker, f"{_BANKS}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _check_one_module_per_slot(targets: Sequence[Target]) -> None:
+    """Two modules found for the same role of the same layer (an encoder and a decoder numbered alike) would
+    silently share one update; refuse, and say how to pick one."""
+    seen: dict[tuple[str, int], str] = {}
+    for target in targets:
+        for role in target.roles:
+            first = seen.setdefault((role, target.layer), target.name)
+            if first != target.name:
+                raise ValueError(
+                    f"Modules '{first}' and '{target.name}' are both role '{role}' of layer {target.layer}, so they "
+                    "would share one update. Adapt one of them: make `role_patterns` specific (e.g. "
+                    r"{'q': r'encoder\.layers\.\d+\.self_attn\.q_proj', ...}) or set `exclude_modules`; if they "
+                    "are different layers, give a `layer_pattern` (or `layers_to_transform`) that tells them apart."
+                )
+
+
+def _check_adapter_size(config: TensLoraConfig, geometry: Geometry) -> None:
+    """Refuse, before allocating anything, more parameters than the same construction has at full Tucker ranks
+    (which already represent every update exactly): such ranks are a mistake, never a useful low-rank update (a CP
+    rank of 10**9 would try to allocate hundreds of GB). Tucker ranks are capped at the mode sizes, so only CP
+    ranks can reach this."""
+    count = count_adapter_parameters(config.construction, config.factorization, config.ranks, geometry)
+    limit = count_adapter_parameters(config.construction, "tucker", sys.maxsize, geometry)
+    if count > limit:
+        raise ValueError(
+            f"The adapter would have {count:,} parameters, more than the {limit:,} of full-rank Tucker tensors, "
+            f"which already represent every update of the adapted weights exactly: ranks {config.ranks!r} are too "
+            "large for this model. Lower `ranks` (tenslora.count_parameters gives the count of a config)."
+        )
