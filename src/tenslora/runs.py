@@ -4,21 +4,25 @@
 It lets a second command refuse to mix two different runs in one folder, lets ``--resume``
 continue only the same run, and lets ``eval``/``merge`` rebuild the model. ``metrics.json`` is
 written last and marks a finished run. Every write is atomic (temporary file + ``os.replace``),
-so a run killed at any moment leaves either the old file or the new one.
+so a run killed at any moment leaves either the old file or the new one. One process at a time
+writes a run folder: it holds an exclusive lock on ``.tenslora.lock`` there (see ``run_lock``).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -26,6 +30,9 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
+LOCK_FILE = ".tenslora.lock"  # held by the process writing the run; not a file of the run itself
+LOCK_WAIT_S = 2.0  # how long to wait for a lock another process only probes (see ``check_not_busy``)
+FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
 
 
 @contextmanager
@@ -61,6 +68,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).is_file():
         raise FileNotFoundError(f"'{run_dir}' holds no {RUN_FILE}: pass the --output-dir of a `tenslora train` run.")
+    check_not_busy(run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise ValueError(f"The run in '{run_dir}' has not finished (no {METRICS_FILE}); finish it with "
                          f"`tenslora train --output-dir {run_dir} --resume` and the same options.")
@@ -68,11 +76,19 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest *complete* ``checkpoint-N`` folder (a kill while saving leaves one without trainer state)."""
+    """The newest *complete* ``checkpoint-N`` folder: the Trainer writes its state file last, so a kill (or a
+    full disk) while saving leaves a checkpoint whose state is missing or does not parse."""
     pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
     complete = [(int(match.group(1)), path) for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
-                if (match := pattern.match(path.name)) and (path / TRAINER_STATE_FILE).is_file()]
+                if (match := pattern.match(path.name)) and _holds_state(path)]
     return str(max(complete)[1]) if complete else None
+
+
+def _holds_state(checkpoint: Path) -> bool:
+    try:
+        return isinstance(read_json(checkpoint / TRAINER_STATE_FILE), dict)
+    except (OSError, ValueError):  # missing, unreadable, truncated (JSONDecodeError and UnicodeDecodeError)
+        return False
 
 
 def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], resume: bool) -> bool:
@@ -84,7 +100,8 @@ def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], re
     """
     output_dir = Path(output_dir)
     run_file = output_dir / RUN_FILE
-    if not output_dir.exists() or not any(output_dir.iterdir()):
+    check_writable(output_dir)
+    if not output_dir.exists() or not any(path.name != LOCK_FILE for path in output_dir.iterdir()):
         return False
     if not run_file.is_file():
         raise ValueError(f"The output directory '{output_dir}' is not empty and holds no tenslora run; "
@@ -101,6 +118,113 @@ def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], re
         raise ValueError(f"The output directory '{output_dir}' already holds {state} with these options; pass "
                          "--resume to continue it (or print its results), or choose another --output-dir.")
     return finished
+
+
+def check_writable(output_dir: str | os.PathLike) -> None:
+    """Refuse an output folder that is a file, lies under a file, or cannot be created or written to."""
+    output_dir = Path(output_dir)
+    existing = _nearest_existing(output_dir)
+    if not existing.is_dir():
+        where = "is a file" if existing == output_dir else f"is under '{existing}', which is a file"
+        raise ValueError(f"The output directory '{output_dir}' {where}; give --output-dir a folder path.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot write to '{existing}' (permission denied or read-only disk); choose an "
+                         "--output-dir you can write to.")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (the folder a new output folder will be created in)."""
+    return next(folder for folder in (path, *path.absolute().parents) if folder.exists())
+
+
+def check_same_labels(output_dir: str | os.PathLike, labels: Sequence[str]) -> None:
+    """Refuse to continue a run whose data now has other classes than the run was started with."""
+    run_file = Path(output_dir) / RUN_FILE
+    if not run_file.is_file():
+        return
+    recorded = read_json(run_file)["labels"]
+    if list(labels) != recorded:
+        changes = [f"{label!r} now" for label in labels if label not in recorded][:3]
+        changes += [f"{label!r} gone" for label in recorded if label not in labels][:3]
+        raise ValueError(f"The data's classes differ from those of the run in '{output_dir}' "
+                         f"({', '.join(changes) or 'same classes in another order'}); resume it with the data it "
+                         "was started with, or choose another --output-dir.")
+
+
+def _busy(run_dir: Path) -> ValueError:
+    return ValueError(f"Another process is training in '{run_dir}' (it holds {run_dir / LOCK_FILE}); wait for it "
+                      "to finish, or choose another --output-dir.")
+
+
+def check_not_busy(run_dir: str | os.PathLike) -> None:
+    """Refuse a run folder another process is writing (it holds the lock); creates nothing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / LOCK_FILE).is_file():
+        return
+    try:
+        with FileLock(run_dir / LOCK_FILE).acquire(timeout=0):
+            pass
+    except Timeout:
+        raise _busy(run_dir) from None
+    except OSError:  # a lock file we may not open (a read-only folder): nobody can be writing there as us
+        return
+
+
+@contextmanager
+def run_lock(run_dir: str | os.PathLike, hold: bool = True) -> Iterator[None]:
+    """Create ``run_dir`` and hold its exclusive lock for the block (``hold=False``: do neither, for the
+    processes of a multi-process launch other than the main one, which writes for all of them)."""
+    if not hold:
+        yield
+        return
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(run_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=LOCK_WAIT_S)
+    except Timeout:
+        raise _busy(run_dir) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def disk_errors(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Turn a write that fails for a reason the user can fix (full disk, permissions) into one ``ValueError``
+    naming the path and the fix. torch and safetensors report a full disk in their own exception types: any
+    error is read as one when the disk has (almost) no space left."""
+    try:
+        yield
+    except ValueError:  # already says what to fix
+        raise
+    except Exception as error:
+        fix = _DISK_FIXES.get(error.errno) if isinstance(error, OSError) else None
+        if fix:
+            raise ValueError(f"Cannot write '{error.filename or output_dir}': {error.strerror}; {fix}.") from error
+        if _disk_full(output_dir):
+            raise ValueError(f"The disk of '{output_dir}' is full ({type(error).__name__} while writing); "
+                             f"{_DISK_FIXES[errno.ENOSPC]}.") from error
+        raise
+
+
+_RERUN = "then run the same command again with --resume"
+_DISK_FIXES = {
+    errno.ENOSPC: f"free some space on that disk (or choose another --output-dir), {_RERUN}",
+    errno.EDQUOT: f"free some of your disk quota (or choose another --output-dir), {_RERUN}",
+    errno.EACCES: "make that folder writable or choose another --output-dir",
+    errno.EPERM: "make that folder writable or choose another --output-dir",
+    errno.EROFS: "the disk is read-only: choose another --output-dir",
+    errno.ENOTDIR: "a part of that path is a file: choose another --output-dir",
+}
+
+
+def _disk_full(output_dir: str | os.PathLike) -> bool:
+    try:
+        return shutil.disk_usage(_nearest_existing(Path(output_dir))).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def history_rows(log_history: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 The Trainer brings the loop, checkpoints (every epoch), resuming, gradient accumulation, the
 progress bar, logging and multi-process launch (``torchrun``/``accelerate launch``); this module
 only builds what it trains and records what it measured. Files of our own are written by the
-main process only.
+main process only, which holds the run folder's lock, and only once the options, the folder and
+the data are known to be good: a refused command leaves the folder as it was.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import torch
 from accelerate import PartialState
 from peft import get_peft_model
 from torch import nn
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import (
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
 
 from . import inputs
 from .api import count_parameters, resolved_ranks
@@ -28,11 +36,15 @@ from .runs import (
     METRICS_FILE,
     RUN_FILE,
     HistoryCallback,
+    check_not_busy,
     check_run_dir,
+    check_same_labels,
+    disk_errors,
     history_rows,
     last_checkpoint,
     read_json,
     read_run,
+    run_lock,
     write_json,
 )
 
@@ -102,6 +114,7 @@ def prepare(options: TrainOptions) -> Prepared:
     set_seed(options.seed)  # the head's and the adapter's initialization
     model = build_classifier(model_name, data.labels, data.modality, pooling,
                              pad_token_id=getattr(preprocessor, "pad_token_id", None))
+    options.check_model_limits(model.config, preprocessor)  # max_length within the model's positions
     run = {"options": options.identity(), "model": model_name, "modality": data.modality, "pooling": pooling,
            "labels": list(data.labels)}
     if options.head_only:
@@ -147,6 +160,26 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
     )
 
 
+class DivergenceCheck(TrainerCallback):
+    """Stops a run whose trained weights are no longer finite, before they are checkpointed or saved.
+
+    A non-finite loss (a learning rate far too large, bad inputs) gives non-finite gradients and then
+    non-finite weights: the check after every optimizer step is one reduction over the trained tensors.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        total = torch.stack([parameter.detach().sum(dtype=torch.float32) for parameter in self.trained]).sum()
+        if not torch.isfinite(total):
+            kept = last_checkpoint(args.output_dir)
+            raise ValueError(
+                f"Training diverged at step {state.global_step}: the loss is no longer finite (NaN or inf weights "
+                f"after the update). Lower --lr (it is {args.learning_rate:g}) and train in a new --output-dir; "
+                + (f"the last good checkpoint, '{kept}', is kept." if kept else "nothing of this run was saved."))
+
+
 def make_trainer(prepared: Prepared, arguments: TrainingArguments, callbacks: list | None = None) -> Trainer:
     collator = (DataCollatorWithPadding(prepared.preprocessor) if prepared.data.modality == "text"
                 else default_data_collator)
@@ -172,15 +205,33 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     start = time.monotonic()
     output_dir = options.output_dir or default_output_dir(options)
     state = process_state()
-    finished = check_run_dir(output_dir, options.identity(), options.resume)
-    if finished:
+    if check_run_dir(output_dir, options.identity(), options.resume):
         return read_json(os.path.join(output_dir, METRICS_FILE))
-    prepared = prepare(options)
-    state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     if state.is_main_process:
-        write_json(os.path.join(output_dir, RUN_FILE), prepared.run)
+        check_not_busy(output_dir)  # before the data is loaded: a second writer is refused at once
+    prepared = prepare(options)
+    check_same_labels(output_dir, prepared.run["labels"])
+    state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    with disk_errors(output_dir), run_lock(output_dir, hold=state.is_main_process):
+        if state.is_main_process:
+            _claim(output_dir, options, prepared.run)
+        return _train(options, prepared, output_dir, start)
+
+
+def _claim(output_dir: str, options: TrainOptions, run: dict[str, Any]) -> None:
+    """Under the lock: check the folder again (another process may have written a run there since the first
+    check) and record the run, unless it is being resumed."""
+    if check_run_dir(output_dir, options.identity(), options.resume):
+        raise ValueError(f"Another process finished the run in '{output_dir}' meanwhile; run the same command "
+                         "again to print its results.")
+    check_same_labels(output_dir, run["labels"])
+    if not os.path.exists(os.path.join(output_dir, RUN_FILE)):
+        write_json(os.path.join(output_dir, RUN_FILE), run)
+
+
+def _train(options: TrainOptions, prepared: Prepared, output_dir: str, start: float) -> dict[str, Any]:
     trainer = make_trainer(prepared, training_arguments(options, output_dir),
-                           callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE))])
+                           callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE)), DivergenceCheck()])
     checkpoint = last_checkpoint(output_dir) if options.resume else None
     trained = trainer.train(resume_from_checkpoint=checkpoint)
     history = history_rows(trainer.state.log_history)

@@ -1,0 +1,344 @@
+"""No data loss, no silent corruption: adapter saves a kill cannot break, one writer per run folder, a
+diverging run stopped before it saves anything, nothing written before the options and data are valid."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback
+
+import tenslora
+from tenslora import TensLoraConfig, train
+from tenslora.options import TrainOptions
+from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock
+from tenslora.train import evaluate_run, run_training
+from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
+from tiny import bert
+from tiny_tasks import write_text_files
+
+
+class Killed(BaseException):
+    """A kill: not an ``Exception``, so no ``except Exception`` on the way can handle it."""
+
+
+def _adapter(ranks: int, seed: int) -> PeftModel:
+    torch.manual_seed(seed)
+    return get_peft_model(bert(), TensLoraConfig(construction="qkv", ranks=ranks, init_weights=False))
+
+
+def _state(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {key: value.clone() for key, value in get_peft_model_state_dict(model).items()}
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def _same(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
+
+
+# Saving an adapter
+
+
+def test_save_replaces_only_what_save_pretrained_writes(tmp_path):
+    """A run's or a user's files stay; the files written are PEFT's own, a second adapter in its subfolder;
+    an existing model card is updated as PEFT updates it."""
+    model = _adapter(2, seed=0)
+    model.add_adapter("other", TensLoraConfig(construction="qkv", ranks=3))
+    model.save_pretrained(tmp_path / "peft")
+    folder = tmp_path / "run"
+    (folder / "checkpoint-4").mkdir(parents=True)
+    own = {"history.csv": b"epoch,loss\n1,0.5\n", "metrics.json": b"{}", "checkpoint-4/trainer_state.json": b"{}",
+           "notes.txt": b"mine", "other/notes.txt": b"mine too"}
+    for name, content in own.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n\nMy own words.\n")
+
+    assert tenslora.save_adapter(model, folder) == folder
+    saved = _files(folder)
+    assert set(saved) == set(_files(tmp_path / "peft")) | set(own)
+    assert {name: saved[name] for name in own} == own
+    card = saved["README.md"].decode()
+    assert "My own words." in card and "license: mit" in card and "library_name: peft" in card
+    loaded = tenslora.load_adapter(bert(), folder)
+    assert _same(_state(loaded), _state(model))
+    assert not [path for path in folder.iterdir() if path.name.startswith(".")]  # no leftover of the save
+
+
+def test_a_kill_at_any_rename_leaves_a_whole_adapter(tmp_path, monkeypatch):
+    """The save of an adapter of other ranks (a mix of old and new files would not load) killed at each of
+    its renames in turn: the folder always loads the old adapter or the new one, and keeps its other files."""
+    old, new = _adapter(2, seed=0), _adapter(3, seed=1)
+    real_replace = os.replace
+    calls = []
+    monkeypatch.setattr(os, "replace", lambda *args: calls.append(args) or real_replace(*args))
+    tenslora.save_adapter(new, tmp_path / "count")
+    renames = len(calls)
+    assert renames >= 3  # the commit, then the config and the weights
+
+    outcomes = []
+    for kill_at in range(1, renames + 1):
+        folder = tmp_path / f"kill-{kill_at}"
+        monkeypatch.setattr(os, "replace", real_replace)
+        tenslora.save_adapter(old, folder)
+        (folder / "history.csv").write_text("kept")
+        count = iter(range(1, renames + 1))
+
+        def replace(*args, kill_at=kill_at, count=count):
+            if next(count) == kill_at:
+                raise Killed
+            real_replace(*args)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            tenslora.save_adapter(new, folder)
+        monkeypatch.setattr(os, "replace", real_replace)
+        state = _state(tenslora.load_adapter(bert(), folder))
+        assert _same(state, _state(old)) or _same(state, _state(new)), f"kill at rename {kill_at}"
+        outcomes.append("new" if _same(state, _state(new)) else "old")
+        assert (folder / "history.csv").read_text() == "kept"
+        tenslora.save_adapter(old, folder)  # and the next save in that folder works
+        assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))
+    assert outcomes == ["old"] + ["new"] * (renames - 1)  # killed before the commit: old; after: new
+
+
+def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path):
+    """The earlier scheme's sibling folders (a kill between its two renames left no adapter at the target,
+    and its files in a retired copy) and an uncommitted staging folder of the present one."""
+    old, new = _adapter(2, seed=0), _adapter(3, seed=1)
+    folder = tmp_path / "adapter"
+    tenslora.save_adapter(old, folder)
+    (folder / "history.csv").write_text("kept")
+    retired = tmp_path / ".adapter.old.k3x9_a2q"
+    retired.mkdir()
+    os.rename(folder, retired / "adapter")
+    tenslora.save_adapter(new, tmp_path / ".adapter.z8w1m0pa")  # the earlier scheme's staging folder
+    (tmp_path / "unrelated.txt").write_text("not ours")
+
+    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))  # restored where it was
+    assert (folder / "history.csv").read_text() == "kept"
+    assert not retired.exists()
+
+    (folder / ".tenslora-save-x1y2z3").mkdir()  # a save killed before its commit
+    (folder / ".tenslora-save-x1y2z3" / "adapter_config.json").write_text("{partial")
+    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))
+    tenslora.save_adapter(new, folder)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "unrelated.txt"]
+    assert not [path for path in folder.iterdir() if path.name.startswith(".")]
+    assert (folder / "history.csv").read_text() == "kept"
+    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(new))
+
+
+def test_a_retired_copy_gives_back_the_files_the_earlier_scheme_deleted(tmp_path):
+    """Killed after its second rename: the new adapter is in place, the retired copy holds the other files."""
+    old, new = _adapter(2, seed=0), _adapter(3, seed=1)
+    tenslora.save_adapter(old, tmp_path / "old")
+    (tmp_path / "old" / "metrics.json").write_text("{}")
+    retired = tmp_path / ".adapter.old.abcdefgh"
+    retired.mkdir()
+    os.rename(tmp_path / "old", retired / "adapter")
+    new.save_pretrained(tmp_path / "adapter")
+    assert _same(_state(tenslora.load_adapter(bert(), tmp_path / "adapter")), _state(new))
+    assert (tmp_path / "adapter" / "metrics.json").read_text() == "{}" and not retired.exists()
+
+
+# One writer per run folder
+
+
+def _text_options(tiny, tmp_path: Path, **changes) -> TrainOptions:  # noqa: F811
+    return TrainOptions(task="glue-mrpc", data_dir=str(tiny / "mrpc"), model=str(tiny / "bert"),
+                        **{"output_dir": str(tmp_path / "run"), **FAST, "epochs": 1, **changes})
+
+
+def _hold_lock_in_another_process(lock_file: Path) -> subprocess.Popen:
+    script = (f"import time; from filelock import FileLock; lock = FileLock({str(lock_file)!r}); lock.acquire(); "
+              "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_writer_is_refused(tiny, tmp_path):  # noqa: F811
+    """While another process trains in the folder (holds its lock): train and eval are refused, nothing is
+    written; the lock file alone does not make the folder foreign."""
+    options = _text_options(tiny, tmp_path)
+    folder = Path(options.output_dir)
+    folder.mkdir()
+    holder = _hold_lock_in_another_process(folder / LOCK_FILE)
+    try:
+        with pytest.raises(ValueError, match=f"Another process is training in '{folder}'"):
+            run_training(options)
+        with pytest.raises(ValueError, match="Another process is training in"), run_lock(folder):
+            pass
+        (folder / "run.json").write_text("{}")
+        (folder / "metrics.json").write_text("{}")
+        with pytest.raises(ValueError, match="Another process is training in"):
+            evaluate_run(str(folder))
+        for name in ("run.json", "metrics.json"):
+            (folder / name).unlink()
+        assert [path.name for path in folder.iterdir()] == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert check_run_dir(folder, options.identity(), resume=False) is False  # the lock file alone: an empty folder
+    metrics = run_training(options)
+    assert metrics["steps"] > 0 and (folder / "metrics.json").is_file()
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "data.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no tenslora run"):
+        check_run_dir(tmp_path / "foreign", options.identity(), resume=False)
+
+
+# A diverging run
+
+
+class _Poison(TrainerCallback):
+    """Makes the weights non-finite right after the first epoch's checkpoint, as a diverging step would."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == state.max_steps // 2 + 1:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):  # noqa: F811
+    make_trainer = train.make_trainer
+    monkeypatch.setattr(train, "make_trainer", lambda prepared, arguments, callbacks: make_trainer(
+        prepared, arguments, [*callbacks, _Poison()]))
+    options = _text_options(tiny, tmp_path, epochs=2)
+    folder = Path(options.output_dir)
+    with pytest.raises(ValueError, match=r"diverged at step \d+.*Lower --lr .*checkpoint-\d+', is kept") as error:
+        run_training(options)
+    checkpoints = sorted(folder.glob("checkpoint-*"))
+    assert [str(path) for path in checkpoints] == [last_checkpoint(folder)]
+    assert f"'{checkpoints[0]}'" in str(error.value)
+    assert all(torch.isfinite(tensor).all() for tensor in load_file(checkpoints[0] / "adapter_model.safetensors")
+               .values())
+    assert not (folder / "metrics.json").exists() and not (folder / "adapter_model.safetensors").exists()
+
+
+def test_a_huge_learning_rate_is_stopped_before_anything_is_saved(tiny, tmp_path):  # noqa: F811
+    options = _text_options(tiny, tmp_path, lr=1e30)
+    with pytest.raises(ValueError, match=r"diverged at step \d+: the loss is no longer finite.*Lower --lr "
+                                         r"\(it is 1e\+30\).*nothing of this run was saved"):
+        run_training(options)
+    folder = Path(options.output_dir)
+    assert sorted(path.name for path in folder.iterdir()) == sorted([LOCK_FILE, "run.json"])
+
+
+# Nothing written before the options and the data are valid
+
+
+def test_invalid_data_writes_nothing(tiny, tmp_path):  # noqa: F811
+    files = write_text_files(tmp_path / "data")
+    options = TrainOptions(train_file=str(files["train"]), text_column="review", label_column="missing",
+                           model=str(tiny / "bert"), output_dir=str(tmp_path / "run"), **FAST)
+    with pytest.raises(ValueError, match="missing"):
+        run_training(options)
+    assert not (tmp_path / "run").exists()
+
+
+def test_changed_classes_under_resume_are_refused_before_anything_is_rewritten(tiny, tmp_path):  # noqa: F811
+    files = write_text_files(tmp_path / "data")
+    options = TrainOptions(train_file=str(files["train"]), validation_file=str(files["validation"]),
+                           test_file=str(files["test"]), text_column="review", label_column="stars",
+                           model=str(tiny / "bert"), output_dir=str(tmp_path / "run"), resume=True, **FAST)
+    folder = tmp_path / "run"
+    (folder / "checkpoint-3").mkdir(parents=True)  # an interrupted run on the classes animal, other
+    (folder / "run.json").write_text(json.dumps({"options": options.identity(), "labels": ["animal", "other"]}))
+    (folder / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    before = _files(folder)
+    write_text_files(tmp_path / "data", labels=("animal", "plant", "other"))  # the same files, another class
+    with pytest.raises(ValueError, match=r"classes differ from those of the run in .*'plant' now"):
+        run_training(options)
+    assert _files(folder) == before and sorted(path.name for path in folder.iterdir()) == ["checkpoint-3", "run.json"]
+
+
+def test_last_checkpoint_skips_a_truncated_trainer_state(tmp_path):
+    for step, state in ((2, "{}"), (4, '{"global_step": 4, "log_hi'), (6, None)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-8").mkdir()
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_bytes(b"\xff\xfe")
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+
+
+def test_resume_falls_back_to_the_previous_intact_checkpoint(tiny, tmp_path):  # noqa: F811
+    options = _text_options(tiny, tmp_path, epochs=2)
+    finished = run_training(options)
+    folder = Path(options.output_dir)
+    first, newest = sorted(folder.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    (folder / "metrics.json").unlink()  # as if killed after the last checkpoint, its state half written
+    state = newest / "trainer_state.json"
+    state.write_text(state.read_text()[:50])
+    resumed = run_training(_text_options(tiny, tmp_path, epochs=2, resume=True))
+    assert resumed["resumed_from"] == str(first) and resumed["steps"] == finished["steps"]
+    scores = ("loss", "accuracy", "f1")
+    assert [resumed["test"][name] for name in scores] == pytest.approx([finished["test"][name] for name in scores])
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])
+def test_unusable_output_dir_is_one_clear_error(where, tiny, tmp_path, monkeypatch):  # noqa: F811
+    (tmp_path / "file").write_text("mine")
+    output_dir = {"file": tmp_path / "file", "under_file": tmp_path / "file" / "run",
+                  "unwritable": tmp_path / "locked" / "run"}[where]
+    if where == "unwritable":
+        (tmp_path / "locked").mkdir()
+        real_access = os.access  # chmod does not stop root: the check is what is tested
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "locked"
+                            and real_access(path, mode))
+    message = {"file": "is a file; give --output-dir a folder", "under_file": "which is a file",
+               "unwritable": f"Cannot write to '{tmp_path / 'locked'}'"}[where]
+    with pytest.raises(ValueError, match=message):
+        run_training(_text_options(tiny, tmp_path, output_dir=str(output_dir)))
+    assert (tmp_path / "file").read_text() == "mine" and not (tmp_path / "locked" / "run").exists()
+
+
+def test_a_full_disk_is_one_clear_error_and_the_command_can_be_rerun(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """ENOSPC while the Trainer saves a checkpoint: one error naming the path; once space is freed, --resume."""
+    options = _text_options(tiny, tmp_path, epochs=2)
+    folder = Path(options.output_dir)
+    save_checkpoint = Trainer._save_checkpoint
+
+    def full_disk(trainer, *args, **kwargs):
+        if not list(folder.glob("checkpoint-*")):
+            return save_checkpoint(trainer, *args, **kwargs)
+        partial = folder / f"checkpoint-{trainer.state.global_step}" / "optimizer.pt"
+        partial.parent.mkdir()
+        partial.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", full_disk)
+    with pytest.raises(ValueError, match=r"Cannot write '.*checkpoint-\d+/optimizer.pt': No space left on device; "
+                                         "free some space.*again with --resume"):
+        run_training(options)
+    assert not (folder / "metrics.json").exists()
+    first = last_checkpoint(folder)
+    assert len(list(folder.glob("checkpoint-*"))) == 2 and first
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_checkpoint)
+    metrics = run_training(_text_options(tiny, tmp_path, epochs=2, resume=True))
+    assert metrics["resumed_from"] == first and (folder / "metrics.json").is_file()
+
+
+def test_a_full_disk_seen_through_another_exception(tmp_path, monkeypatch):
+    """torch reports a failed write as a RuntimeError: it is read as a full disk only when the disk is full."""
+    with pytest.raises(RuntimeError), disk_errors(tmp_path):
+        raise RuntimeError("file write failed")
+    monkeypatch.setattr("shutil.disk_usage", lambda path: SimpleNamespace(total=1 << 30, used=1 << 30, free=0))
+    with pytest.raises(ValueError, match=f"The disk of '{tmp_path}' is full \\(RuntimeError while writing\\)"), \
+            disk_errors(tmp_path):
+        raise RuntimeError("file write failed")
