@@ -6,10 +6,8 @@ adapted projection. It knows nothing about models beyond a :class:`Geometry`.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -26,6 +24,7 @@ from .construction import (
     tensor_specs,
 )
 from .factorization import FactorizedTensor, build_tensor
+from .reuse import PassCache
 
 
 @dataclass(frozen=True)
@@ -36,21 +35,6 @@ class SliceAddress:
     index: Mapping[str, int]
     width: int
     transposed: bool  # o and down map the wide side to the residual: their update is the slice transposed
-
-
-@dataclass(frozen=True)
-class _Projection:
-    """``x @ U_in`` of one tensor, with what it was computed from (to know when it may be reused)."""
-
-    source: weakref.ref
-    source_version: int
-    factor_version: int
-    grad_enabled: bool
-    value: torch.Tensor
-
-    def is_for(self, x: torch.Tensor, factor: torch.Tensor) -> bool:
-        return (self.source() is x and self.source_version == x._version and self.factor_version == factor._version
-                and self.grad_enabled == torch.is_grad_enabled())
 
 
 class TensorBank(nn.Module):
@@ -71,24 +55,29 @@ class TensorBank(nn.Module):
             {key: build_tensor(factorization, spec.sizes, fit_ranks(family_ranks[spec.family], spec.sizes))
              for key, spec in tensor_specs(construction, geometry, sorted(layers)).items()}
         )
-        self._projections: dict[str, _Projection] = {}
+        self._projections = PassCache()
 
     def project(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """``x @ U_in`` of tensor ``key``, computed once when several projections read the same input.
-
-        q, k and v of a layer read the same hidden states and, in the constructions with a qkv
-        mode, share ``U_in``: the second and third calls reuse the first product (same input
-        object, unmodified input and factor, same grad mode). Input dropout makes a new tensor
-        per call, so each projection then gets its own product, as in LoRA.
-        """
+        """``x @ U_in`` of tensor ``key``: the projections that read the same ``x`` share it (reuse.py)."""
         factor = self.tensors[key].input_factor()
-        cached: Optional[_Projection] = self._projections.get(key)
-        if cached is not None and cached.is_for(x, factor):
-            return cached.value
-        value = x @ factor.to(x.dtype)
-        self._projections[key] = _Projection(weakref.ref(x), x._version, factor._version, torch.is_grad_enabled(),
-                                             value)
-        return value
+        return self._projections.get(("in", key), (x, factor), lambda: x @ factor.to(x.dtype))
+
+    def scaled_output(self, address: SliceAddress, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+        """``scaling * B`` (r x width) of one slice, in ``dtype``.
+
+        Formed in one contraction with the B of every role of its tensor at the same layer (the
+        slices that differ only in the role mode), which the layer's other projections reuse.
+        """
+        tensor = self.tensors[address.key]
+        fixed = {mode: i for mode, i in address.index.items() if mode != "qkv"}
+
+        def role_slices() -> tuple[torch.Tensor, ...]:
+            group = (tensor.output_matrices(fixed) * scaling).to(dtype)
+            return group.unbind(0) if "qkv" in address.index else (group,)
+
+        name = ("out", address.key, tuple(fixed.items()), scaling, dtype)
+        b = self._projections.get(name, tuple(tensor.parameters()), role_slices)[address.index.get("qkv", 0)]
+        return b if address.width == b.shape[-1] else b[:, : address.width]
 
     def clear_projections(self) -> None:
         """Forget reused products: called before and after every forward pass of the model."""

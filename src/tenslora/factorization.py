@@ -8,20 +8,21 @@ training: both factorizations are read as a pair ``(A, B)`` with
     B = slice core x output side  (r x d_out)     small to form: r * d_out numbers
 
 so that ``x @ A @ B`` costs what a LoRA of rank ``r`` costs per token. The dense slice, needed
-only to merge weights, is ``(A @ B).T``.
+only to merge weights, is ``(A @ B).T``. ``output_matrices`` forms the B of several slices (those
+that differ only in some index modes) in one contraction.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 # einsum letters: lower case for rank indices, upper case for size indices.
 _RANK_LETTER = {"in": "a", "out": "b", "head_dim": "c", "heads": "d", "qkv": "e", "depth": "f"}
-_SIZE_LETTER = {"out": "O", "head_dim": "J", "heads": "H"}
+_SIZE_LETTER = {"out": "O", "head_dim": "J", "heads": "H", "qkv": "E", "depth": "F"}
 # Hugging Face lays out attention features head-major (feature = head * head_dim + j), so the
 # output side of a slice is produced as (heads, head_dim) and flattened in that order.
 _OUTPUT_ORDER = ("heads", "out", "head_dim")
@@ -35,8 +36,22 @@ def _index_modes(modes: tuple[str, ...]) -> list[str]:
     return [m for m in modes if m in ("qkv", "depth")]
 
 
+def _subsets(modes: list[str]) -> list[tuple[str, ...]]:
+    """Every subset of ``modes``, each in the order of ``modes``."""
+    subsets: list[tuple[str, ...]] = [()]
+    for mode in modes:
+        subsets += [(*subset, mode) for subset in subsets]
+    return subsets
+
+
 class FactorizedTensor(nn.Module):
-    """Common interface: ``input_factor()`` and ``output_matrix(index)`` give the (A, B) pair of a slice."""
+    """Common interface: ``input_factor()`` and ``output_matrix(index)`` give the (A, B) pair of a slice.
+
+    A subclass sets ``input_rank`` (the columns of A), calls ``_build_equations`` and says in
+    ``_leading`` which operands come before the factors (the Tucker core).
+    """
+
+    input_rank: int
 
     def __init__(self, sizes: Mapping[str, int]):
         super().__init__()
@@ -48,21 +63,51 @@ class FactorizedTensor(nn.Module):
         self.index_modes = _index_modes(self.modes)
         self.output_size = math.prod(self.sizes[m] for m in self.output_modes)
         self.factors = nn.ParameterDict()
+        self._equations: dict[tuple[str, ...], str] = {}
+
+    def _build_equations(self, rank_letter: Callable[[str], str], leading: Sequence[str]) -> None:
+        """One einsum per set of free index modes: leading operands, fixed index vectors, free index
+        factors, output factors (contracting the cheap vectors first) -> (*free sizes, r, output sizes)."""
+        output = [_SIZE_LETTER[m] + rank_letter(m) for m in self.output_modes]
+        for free in _subsets(self.index_modes):
+            vectors = [rank_letter(m) for m in self.index_modes if m not in free]
+            free_factors = [_SIZE_LETTER[m] + rank_letter(m) for m in free]
+            result = "".join(_SIZE_LETTER[m] for m in free) + rank_letter("in") + "".join(
+                _SIZE_LETTER[m] for m in self.output_modes)
+            self._equations[free] = ",".join([*leading, *vectors, *free_factors, *output]) + "->" + result
 
     def input_factor(self) -> torch.Tensor:
         return self.factors["in"]
 
+    def _leading(self) -> list[torch.Tensor]:
+        return []
+
     def output_matrix(self, index: Mapping[str, int]) -> torch.Tensor:
-        raise NotImplementedError
+        """B (r x d_out) of the slice at ``index`` (every index mode given)."""
+        if sorted(index) != sorted(self.index_modes):
+            raise ValueError(f"A slice of this tensor is addressed by modes {self.index_modes}, got {dict(index)}.")
+        return self.output_matrices(index)
+
+    def output_matrices(self, fixed: Mapping[str, int]) -> torch.Tensor:
+        """The B of every slice that agrees with ``fixed``, in one contraction: (*free sizes, r, d_out).
+
+        Index modes missing from ``fixed`` are free and lead the result in mode order: the layers
+        form the B of all roles of a layer at once, where one small einsum per slice cost more
+        operator calls than the products themselves.
+        """
+        unknown = [m for m in fixed if m not in self.index_modes]
+        if unknown:
+            raise ValueError(f"This tensor's index modes are {self.index_modes}; {unknown} are not among them.")
+        free = tuple(m for m in self.index_modes if m not in fixed)
+        vectors = [self.factors[m][fixed[m]] for m in self.index_modes if m in fixed]
+        operands = [*self._leading(), *vectors, *(self.factors[m] for m in free),
+                    *(self.factors[m] for m in self.output_modes)]
+        b = torch.einsum(self._equations[free], *operands)
+        return b.reshape(*(self.sizes[m] for m in free), self.input_rank, self.output_size)
 
     def slice_matrix(self, index: Mapping[str, int]) -> torch.Tensor:
         """The dense (d_out x d_in) slice at ``index``: for merging and tests, never for training."""
         return (self.input_factor() @ self.output_matrix(index)).T
-
-    def _index_vectors(self, index: Mapping[str, int]) -> list[torch.Tensor]:
-        if sorted(index) != sorted(self.index_modes):
-            raise ValueError(f"A slice of this tensor is addressed by modes {self.index_modes}, got {dict(index)}.")
-        return [self.factors[m][index[m]] for m in self.index_modes]
 
 
 def _orthonormal_columns(rows: int, cols: int) -> torch.Tensor:
@@ -82,17 +127,11 @@ class TuckerTensor(FactorizedTensor):
         self.core = nn.Parameter(torch.zeros(*(self.ranks[m] for m in self.modes), dtype=torch.float32))
         for mode in self.modes:
             self.factors[mode] = nn.Parameter(_orthonormal_columns(self.sizes[mode], self.ranks[mode]))
-        core = "".join(_RANK_LETTER[m] for m in self.modes)
-        index = [_RANK_LETTER[m] for m in self.index_modes]
-        output = [_SIZE_LETTER[m] + _RANK_LETTER[m] for m in self.output_modes]
-        result = "a" + "".join(_SIZE_LETTER[m] for m in self.output_modes)
-        # The core is contracted with the index vectors first (cheap), then with the output factors.
-        self._equation = ",".join([core, *index, *output]) + "->" + result
+        self.input_rank = self.ranks["in"]
+        self._build_equations(_RANK_LETTER.__getitem__, ["".join(_RANK_LETTER[m] for m in self.modes)])
 
-    def output_matrix(self, index: Mapping[str, int]) -> torch.Tensor:
-        output = [self.factors[m] for m in self.output_modes]
-        b = torch.einsum(self._equation, self.core, *self._index_vectors(index), *output)
-        return b.reshape(self.ranks["in"], self.output_size)
+    def _leading(self) -> list[torch.Tensor]:
+        return [self.core]
 
 
 class CPTensor(FactorizedTensor):
@@ -118,15 +157,8 @@ class CPTensor(FactorizedTensor):
             else:
                 nn.init.normal_(factor)
             self.factors[mode] = nn.Parameter(factor)
-        index = ["r"] * len(self.index_modes)
-        output = [_SIZE_LETTER[m] + "r" for m in self.output_modes]
-        result = "r" + "".join(_SIZE_LETTER[m] for m in self.output_modes)
-        self._equation = ",".join([*index, *output]) + "->" + result
-
-    def output_matrix(self, index: Mapping[str, int]) -> torch.Tensor:
-        output = [self.factors[m] for m in self.output_modes]
-        b = torch.einsum(self._equation, *self._index_vectors(index), *output)
-        return b.reshape(self.rank, self.output_size)
+        self.input_rank = self.rank
+        self._build_equations(lambda mode: "r", [])
 
 
 def build_tensor(factorization: str, sizes: Mapping[str, int], ranks: Mapping[str, int] | int) -> FactorizedTensor:

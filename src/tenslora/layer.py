@@ -63,10 +63,9 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
             if address is None:
                 pieces.append(x.new_zeros(*x.shape[:-1], segment.stop - segment.start))
                 continue
-            tensor = bank.tensor(address.key)
-            b = (tensor.output_matrix(address.index)[:, : address.width] * scaling).to(x.dtype)
-            if address.transposed:  # output projection: its update is the slice transposed
-                pieces.append((x @ b.T) @ tensor.input_factor().to(x.dtype).T)
+            b = bank.scaled_output(address, scaling, x.dtype)
+            if address.transposed:  # o and down: their update is the slice transposed
+                pieces.append((x @ b.T) @ bank.tensor(address.key).input_factor().to(x.dtype).T)
             else:
                 pieces.append(bank.project(address.key, x) @ b)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
