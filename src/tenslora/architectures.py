@@ -97,7 +97,8 @@ def role_patterns_for(model_type: str | None, role_patterns: Mapping[str, str] |
         table = ROLE_PATTERNS[model_type]
     else:
         raise ValueError(
-            f"TensLoRA does not know where the projections of model type '{model_type}' are"
+            f"TensLoRA does not know where the attention projections of model type '{model_type}' are, nor its "
+            "MLP ones"
             + (" (needed to expand roles='all-linear')" if is_all_linear(roles) else "")
             + ". Pass `role_patterns` in the TensLoraConfig, a regex per role matched against the end of the module "
             "names, e.g. role_patterns={'q': r'attn\\.q_proj', 'k': r'attn\\.k_proj', 'v': r'attn\\.v_proj', "

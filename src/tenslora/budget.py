@@ -28,8 +28,8 @@ def count_adapter_parameters(construction: str, factorization: str, ranks: RankS
     spec = get_construction(construction)
     check_factorization(factorization)
     family_ranks = resolve_family_ranks(spec, factorization, ranks, geometry)
-    return sum(count_tensor_parameters(factorization, tensor.sizes, fit_ranks(family_ranks[tensor.family], tensor.sizes))
-               for tensor in tensor_specs(spec, geometry).values())
+    return sum(count_tensor_parameters(factorization, t.sizes, fit_ranks(family_ranks[t.family], t.sizes))
+               for t in tensor_specs(spec, geometry).values())
 
 
 def lora_parameter_count(rank: int, geometry: Geometry) -> int:
@@ -68,7 +68,8 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         raise ValueError(
             f"`fixed` names mode(s) {unknown} that the '{construction}' construction lacks: {sorted(modes)}."
         )
-    invalid = {m: v for m, v in fixed.items() if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)}
+    invalid = {m: v for m, v in fixed.items()
+               if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)}
     if invalid:
         raise ValueError(f"`fixed` ranks must be positive integers or 'full', got {invalid}.")
 

@@ -28,7 +28,7 @@ from .architectures import (
 from .bank import TensorBank
 from .budget import count_adapter_parameters
 from .config import TensLoraConfig
-from .construction import Geometry, get_construction
+from .construction import FAMILIES, Geometry, get_construction
 from .layer import Segment, TensLoraLayer
 
 _BANKS = "tenslora_tensors"
@@ -47,7 +47,8 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
     targets = find_targets(names, patterns, roles, config.layer_pattern, config.layers_to_transform)
     if not targets:
         raise ValueError(
-            f"No projection for roles {list(roles)} was found in the model (looked for {patterns}). "
+            f"No {'attention' if set(roles) <= set(FAMILIES['attention']) else 'attention or MLP'} projection for "
+            f"roles {list(roles)} was found in the model (looked for {patterns}). "
             "If the model is not a known architecture, pass `role_patterns` (and maybe `layer_pattern`) in the "
             "TensLoraConfig; check `target_modules`, `exclude_modules` and `layers_to_transform`."
         )
