@@ -118,9 +118,11 @@ class TensLoraConfig(PeftConfig):
     )
     ranks: Union[int, list[int], dict[str, Union[int, str]]] = field(
         default=8,
-        metadata={"help": "Tucker: an int (every mode, capped at the mode's size), a list in the construction's "
-                          "mode order (in, out | head_dim, heads, qkv, depth) or a dict keyed by mode name ('full' = "
-                          "the mode's size). CP: one int."},
+        metadata={"help": "Tucker: an int (every mode of every tensor, capped at the mode's size), a list in the "
+                          "construction's mode order (in, out | head_dim, heads, qkv, depth) or a dict keyed by mode "
+                          "name ('full' = the mode's size). CP: one int. Attention and MLP tensors may get their own: "
+                          "{'attention': ..., 'mlp': ...}, each any of the former (needed by the att constructions "
+                          "with both families, unless one int)."},
     )
     scaling: float = field(
         default=1.0,
@@ -130,8 +132,10 @@ class TensLoraConfig(PeftConfig):
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input, as LoRA's lora_dropout."})
     roles: Union[list[str], str] = field(
         default_factory=lambda: ["q", "k", "v"],
-        metadata={"help": "Projections to adapt: any of q, k, v, o (o = attention output), as a list or one "
-                          "comma-separated string ('q,k,v'). They form the qkv mode."},
+        metadata={"help": "Projections to adapt: any of q, k, v, o (attention) and gate, up, down (MLP), as a "
+                          "list or one comma-separated string ('q,k,v'), or 'all-linear': every attention and MLP "
+                          "projection of the model's blocks (as PEFT's all-linear). Each family's roles form the "
+                          "qkv mode of its own tensors."},
     )
     role_patterns: Optional[dict[str, str]] = field(
         default=None,
