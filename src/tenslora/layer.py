@@ -7,15 +7,17 @@ It owns no trainable parameter: it reads its slice of the adapter's shared tenso
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .bank import SliceAddress, TensorBank
+from .quantized import dense_weight, keep_original, restore_original, store_weight
 
 
 @dataclass(frozen=True)
@@ -96,29 +98,53 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         delta = torch.cat(rows, dim=0) * self._scaling[adapter_name]
         return delta.T if self.is_conv1d else delta
 
+    #: The quantized base weight as it was before the first merge, so that unmerging gives it back exactly (a
+    #: tuple, so that nn.Module does not register it as a parameter of the layer: it is not trained or saved).
+    _quantized_original: tuple[nn.Parameter, ...] = ()
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the updates into the base weight (through fp32, whatever the weight's dtype)."""
-        weight = self.get_base_layer().weight
-        for adapter_name in adapter_names if adapter_names is not None else self.active_adapters:
-            if adapter_name not in self._banks or adapter_name in self.merged_adapters:
+        """Add the updates into the base weight, through fp32 whatever the weight's dtype or quantization.
+
+        ``safe_merge`` checks the merged weight before it replaces the base weight and raises a
+        ValueError if it holds NaN or inf, as PEFT's methods do.
+        """
+        base = self.get_base_layer()
+        for adapter_name in check_adapters_to_merge(self, adapter_names):
+            if adapter_name not in self._banks:
                 continue
             with torch.no_grad():
-                merged = weight.data.float() + self.get_delta_weight(adapter_name).to(weight.device)
+                weight = dense_weight(base)
+                merged = weight + self.get_delta_weight(adapter_name).to(weight.device)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(
-                        f"Merging adapter '{adapter_name}' would put NaN or inf into {type(self.base_layer).__name__} "
-                        "weights; the adapter is probably broken (diverged training?)."
+                        f"NaNs detected in the merged weights. The adapter '{adapter_name}' seems to be broken: "
+                        f"merging it would put NaN or inf into the {type(base).__name__} weights (diverged training?)."
                     )
-                weight.data = merged.to(weight.dtype)
+                if not self.merged:
+                    original = keep_original(base)
+                    self._quantized_original = () if original is None else (original,)
+                store_weight(base, merged)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
-        weight = self.get_base_layer().weight
+        """Take every merged update out of the base weight again.
+
+        A quantized base gets its original quantized weight back, bit for bit (subtracting the update
+        from a requantized weight would round twice); a plain weight gets the updates subtracted.
+        """
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
         with torch.no_grad():
+            if self._quantized_original:
+                restore_original(base, self._quantized_original[0])
+                self._quantized_original = ()
+                self.merged_adapters.clear()
             while self.merged_adapters:
                 adapter_name = self.merged_adapters.pop()
-                delta = self.get_delta_weight(adapter_name).to(weight.device)
-                weight.data = (weight.data.float() - delta).to(weight.dtype)
+                weight = dense_weight(base)
+                store_weight(base, weight - self.get_delta_weight(adapter_name).to(weight.device))
 
     def __repr__(self) -> str:
         return "tenslora." + super().__repr__()
