@@ -68,6 +68,14 @@ def distilbert(num_labels: int = 3, seed: int = 0):
                   n_layers=2, n_heads=4, hidden_dim=37, vocab_size=VOCAB, num_labels=num_labels)
 
 
+def bart(seed: int = 0):
+    """An encoder-decoder (no TensLoRA role table): encoder and decoder layers are both numbered 0, 1."""
+    return _build(transformers.BartModel, transformers.BartConfig, seed, d_model=32, encoder_layers=2,
+                  decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37,
+                  decoder_ffn_dim=37, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=1, decoder_start_token_id=1)
+
+
 MODELS = {"bert": bert, "vit": vit, "llama": llama}
 ALL_MODELS = {**MODELS, "roberta": roberta, "distilbert": distilbert, "mistral": mistral, "qwen2": qwen2,
               "gemma": gemma, "gpt2": gpt2}

@@ -10,7 +10,13 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _get_in_out_features,
+    check_target_module_exists,
+)
 from peft.utils.integrations import init_empty_weights
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -194,8 +200,11 @@ class TensLoraModel(BaseTuner):
             hook.remove()
         return model
 
-    def _check_target_module_exists(self, peft_config: TensLoraConfig, key: str) -> bool:
-        return key in self._pending_targets
+    def _check_target_module_exists(self, peft_config: TensLoraConfig, key: str) -> bool | _ExcludedModule:
+        """The planned targets; excluded modules are reported as such, so PEFT warns only if `exclude_modules`
+        excluded nothing."""
+        result = check_target_module_exists(peft_config, key)
+        return result if isinstance(result, _ExcludedModule) else key in self._pending_targets
 
     def _create_and_replace(self, peft_config: TensLoraConfig, adapter_name: str, target: nn.Module,
                             target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
