@@ -168,7 +168,9 @@ class DivergenceCheck(TrainerCallback):
     """
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.trained = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        # A parameter sharded by FSDP2 (a DTensor) is checked by each process on its own shard.
+        self.trained = [parameter.to_local() if hasattr(parameter, "to_local") else parameter
+                        for parameter in model.parameters() if parameter.requires_grad]
 
     def on_step_end(self, args, state, control, **kwargs):
         total = torch.stack([parameter.detach().sum(dtype=torch.float32) for parameter in self.trained]).sum()
