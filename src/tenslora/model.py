@@ -160,8 +160,8 @@ class TensLoraModel(BaseTuner):
             raise
         finally:
             del self._pending_targets, self._pending_geometry
-        for parameter, requires_grad in trainable:
-            parameter.requires_grad_(requires_grad)
+            for parameter, requires_grad in trainable:
+                parameter.requires_grad_(requires_grad)
 
     def _config_for_this_model(self, adapter_name: str) -> TensLoraConfig:
         """The adapter's config, copied when it is new: attaching records the model's sizes and target modules in
