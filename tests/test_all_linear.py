@@ -6,7 +6,7 @@ import copy
 import pytest
 import tensorly as tl
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import tenslora
 from tenslora import TensLoraConfig
@@ -167,6 +167,26 @@ def test_grouped_query_key_value_tensors_have_their_own_width():
         else:
             assert {key.split("_")[0]: size for key, size in sizes.items()} == {"q": 2 * k_size, "k": k_size,
                                                                                   "v": k_size}
+
+
+def test_tensors_stacking_only_key_and_value_have_their_width():
+    model = get_peft_model(llama(), TensLoraConfig(construction="att_qkv_depth", ranks=2, roles=["k", "v"]))
+    assert model.base_model.tenslora_tensors["default"].tensors["all"].sizes == {
+        "in": 32, "head_dim": 8, "heads": 2, "qkv": 2, "depth": 2}
+
+
+def test_all_linear_with_family_ranks_saves_and_loads(tmp_path):
+    ranks = {"attention": {"in": 3, "head_dim": 2, "heads": 2, "qkv": 2, "depth": 1}, "mlp": 3}
+    torch.manual_seed(0)
+    model = get_peft_model(llama(), TensLoraConfig(construction="att_qkv_depth", ranks=ranks, roles="all-linear",
+                                                   init_weights=False))
+    with torch.no_grad():
+        expected = outputs(model, "llama")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(llama(), tmp_path)
+    assert loaded.peft_config["default"].roles == "all-linear" and loaded.peft_config["default"].ranks == ranks
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(loaded, "llama"), expected)
 
 
 def test_att_constructions_split_heads_only_in_attention_tensors():

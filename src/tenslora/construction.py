@@ -212,12 +212,14 @@ class Geometry:
                    role: str | None = None) -> dict[str, int]:
         """Mode sizes of a tensor of ``family``; ``role`` names the one role a tensor without a role mode holds.
 
-        Without ``role`` the wide side is the family's widest (a tensor stacking k/v with q holds
-        them zero-padded); with it, the role's own width (a tensor of k alone has k's width).
+        Without ``role`` the wide side is the widest of the family's adapted roles (a tensor
+        stacking k/v with q holds them zero-padded); with it, the role's own width (a tensor of k
+        alone has k's width).
         """
         self.validate(construction)
         construction = construction.for_family(family)
-        width = self.role_width(role) if role is not None else self.role_width(FAMILIES[family][0])
+        roles = (role,) if role is not None else self.family_roles(family) or FAMILIES[family][:1]
+        width = max(self.role_width(r) for r in roles)
         sizes = {"in": self.hidden_size, "out": width, "qkv": len(self.family_roles(family)),
                  "depth": self.num_layers}
         if construction.split_heads:
