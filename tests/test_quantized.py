@@ -38,7 +38,7 @@ def _quantized(folder, quantization: str) -> nn.Module:
     config = transformers.BitsAndBytesConfig(**QUANTIZATIONS[quantization])
     model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, quantization_config=config,
                                                                             device_map="cpu")
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_model_for_kbit_training(model)  # with gradient checkpointing, as QLoRA recipes do
 
 
 def _adapted(folder, quantization: str, **options):
