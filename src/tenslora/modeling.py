@@ -4,6 +4,9 @@ Text models get either the stock ``AutoModelForSequenceClassification`` head (``
 model's own [CLS] pooling) or a mean-pooling head (``mean``, see ``pooling.py``), chosen by
 default from the checkpoint itself: a sentence-transformers checkpoint declares its pooling in
 ``modules.json``. Image models get ``AutoModelForImageClassification``.
+
+Every load passes ``trust_remote_code`` explicitly (False unless the run opted in): a folder whose
+config names its own code (``auto_map``) is refused with a clear error, never run, never prompted for.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -24,6 +28,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import cached_file
 
 from .persistence import load_adapter
@@ -52,19 +57,40 @@ def default_model(modality: str) -> str:
     return default_text_model() if modality == "text" else DEFAULT_IMAGE_MODEL
 
 
-def from_pretrained(loader: Any, model: str, **kwargs) -> Any:
-    """``loader.from_pretrained(model)``; a missing folder or unreachable hub id is a ``ValueError`` naming the fix."""
+def from_pretrained(loader: Any, model: str, trust_remote_code: bool = False, **kwargs) -> Any:
+    """``loader.from_pretrained(model)``; a missing folder or unreachable hub id is a ``ValueError`` naming the fix,
+    and so is a model that needs its own code without ``trust_remote_code``."""
     try:
-        return loader.from_pretrained(model, **kwargs)
+        if not trust_remote_code and _remote_code(model):
+            raise ValueError(f"'{model}' ships its own Python code (auto_map in its config.json), which is not "
+                             "run unless you pass --trust-remote-code (trust_remote_code=True): read that code first.")
+        return loader.from_pretrained(model, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"Cannot load '{model}' ({reason}); pass a local model folder or a hub id you can "
                          "download with --model.") from None
 
 
-def load_model_config(model: str, **kwargs) -> PretrainedConfig:
+def _remote_code(model: str) -> bool:
+    """Whether ``model``'s config asks for code of its own that transformers cannot replace with a built-in class.
+
+    A folder saved by ``tenslora merge`` names ``pooling.py`` in its ``auto_map`` but keeps a built-in
+    ``model_type``: the classes of tenslora load it without that code, so it is not refused.
+    """
+    config_file = cached_file(model, "config.json", _raise_exceptions_for_missing_entries=False,
+                              _raise_exceptions_for_connection_errors=False)
+    if config_file is None:
+        return False
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers reports an unreadable config itself
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
+
+
+def load_model_config(model: str, trust_remote_code: bool = False, **kwargs) -> PretrainedConfig:
     """``AutoConfig`` of a local folder or hub id (no weights)."""
-    return from_pretrained(AutoConfig, model, **kwargs)
+    return from_pretrained(AutoConfig, model, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def checkpoint_pooling(model: str) -> str | None:
@@ -96,9 +122,9 @@ def resolve_pooling(model: str, pooling: str | None) -> str:
     return pooling or checkpoint_pooling(model) or "cls"
 
 
-def label_config(model: str, labels: Sequence[str]) -> PretrainedConfig:
+def label_config(model: str, labels: Sequence[str], trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config with a classification head of ``len(labels)`` named classes."""
-    return load_model_config(model, num_labels=len(labels), id2label=dict(enumerate(labels)),
+    return load_model_config(model, trust_remote_code, num_labels=len(labels), id2label=dict(enumerate(labels)),
                              label2id={label: i for i, label in enumerate(labels)})
 
 
@@ -110,35 +136,38 @@ def classifier_class(modality: str, pooling: str | None) -> type:
 
 
 def build_classifier(model: str, labels: Sequence[str], modality: str, pooling: str | None = None,
-                     pad_token_id: int | None = None) -> PreTrainedModel:
+                     pad_token_id: int | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
     """A pretrained model with a new classification head over ``labels`` (head weights random).
 
     ``pad_token_id`` is the tokenizer's, for decoder models whose config has none (their head reads
     the last non-padding token).
     """
-    config = label_config(model, labels)
+    config = label_config(model, labels, trust_remote_code)
     if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
         config.pad_token_id = pad_token_id
     # A checkpoint's own head (e.g. ImageNet's 1000 classes) is replaced, not loaded.
-    return from_pretrained(classifier_class(modality, pooling), model, config=config, ignore_mismatched_sizes=True)
+    return from_pretrained(classifier_class(modality, pooling), model, trust_remote_code, config=config,
+                           ignore_mismatched_sizes=True)
 
 
 def load_trained_model(run_dir: str, run: dict) -> tuple[nn.Module, object]:
     """The model and pre-processor a ``tenslora train`` run saved: base + adapter (a ``PeftModel``), or
-    the whole model for a head-only run. ``run`` is the run's ``run.json``."""
-    preprocessor = load_preprocessor(run_dir, run["modality"])
+    the whole model for a head-only run. ``run`` is the run's ``run.json``, whose options say whether the
+    run was allowed to execute the model's own code (``trust_remote_code``)."""
+    trust = bool(run["options"].get("trust_remote_code", False))
+    preprocessor = load_preprocessor(run_dir, run["modality"], trust)
     if "adapter" not in run:
-        return from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir), preprocessor
+        return from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust), preprocessor
     base = build_classifier(run["model"], run["labels"], run["modality"], run["pooling"],
-                            pad_token_id=getattr(preprocessor, "pad_token_id", None))
+                            pad_token_id=getattr(preprocessor, "pad_token_id", None), trust_remote_code=trust)
     return load_adapter(base, run_dir), preprocessor
 
 
-def load_preprocessor(model: str, modality: str):
+def load_preprocessor(model: str, modality: str, trust_remote_code: bool = False):
     """The tokenizer (text) or image processor (image) of ``model``; decoder tokenizers get a pad token."""
     if modality == "image":
-        return from_pretrained(AutoImageProcessor, model)
-    tokenizer = from_pretrained(AutoTokenizer, model)
+        return from_pretrained(AutoImageProcessor, model, trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, model, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2/LLaMA-style tokenizers have none
     return tokenizer

@@ -1,7 +1,10 @@
 """What a training run is: ``TrainOptions``, read from code, a config file or the command line.
 
-The defaults are the default run (``tenslora train`` with no argument): a few minutes on two CPU
-cores. The paper's recipe for its benchmarks is in ``docs/benchmarks.md``.
+One pydantic schema checks every option the same way from all three: types are coerced strictly
+(numbers from numeric strings, booleans from true/false/yes/no/1/0, anything else an error naming
+the option), ranges are checked against their limits, and contradictory options are refused before
+any model or data is loaded. The defaults are the default run (``tenslora train`` with no argument):
+a few minutes on two CPU cores. The paper's recipe for its benchmarks is in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -9,71 +12,142 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
 from .api import lora_parameter_count, match_budget
 from .config import TensLoraConfig
 from .construction import PRESETS
-from .data import CUSTOM_TASK, DEFAULT_TASK
+from .data import BUILTIN_TASKS, CUSTOM_TASK, DEFAULT_TASK
 
-Ranks = Union[int, list, dict, str]
 
+def _no_bool(value: Any) -> Any:
+    """Refuse ``true`` where a number is expected (pydantic would read it as 1)."""
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+def _text(value: Any) -> Any:
+    """Names and paths are text; a number is accepted (``budget: 5000``, a column named ``1``), a boolean not."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
+Integer = Annotated[int, BeforeValidator(_no_bool)]
+Positive = Annotated[Integer, Field(gt=0)]
+Text = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
+Ranks = Union[Integer, list[Integer], dict[str, Union[Integer, Literal["full"]]]]
 
 #: Options that may name local files or folders (``model`` may also be a hub id).
 PATH_OPTIONS = ("data_dir", "train_file", "validation_file", "test_file", "image_root", "model")
 #: The default run (no task and no data files given) trains on a subset of WordNet, to finish in minutes.
 DEFAULT_RUN_SAMPLES = {"max_train_samples": 6000, "max_eval_samples": 2000}
+#: The options that shape the adapter: meaningless (so refused) with ``head_only``.
+ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "scaling", "dropout", "roles", "role_patterns")
+#: Model types whose position ids start after the padding index (RoBERTa's scheme): fewer usable positions.
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "longformer")
+#: The largest seed numpy accepts.
+MAX_SEED = 2**32 - 1
 
 
-@dataclass
+@dataclass(config=ConfigDict(extra="forbid"))
 class TrainOptions:
     """Everything that defines a run. Field names are the config-file keys and (with dashes) the flags."""
 
     # What to train on
-    task: Optional[str] = None  # a built-in task; default wordnet-supersense unless files are given
-    data_dir: Optional[str] = None  # local copy of a built-in task's data (GLUE files, Fashion-MNIST IDX files)
-    train_file: Optional[str] = None
-    validation_file: Optional[str] = None
-    test_file: Optional[str] = None
-    text_column: Optional[str] = None
-    text_pair_column: Optional[str] = None
-    label_column: Optional[str] = None
-    image_root: Optional[str] = None  # an image folder: the user's own task, or a built-in one's local copy
-    max_train_samples: Optional[int] = None  # default: all (6000 in the default run)
-    max_eval_samples: Optional[int] = None  # per evaluation split; default: all (2000 in the default run)
+    task: Optional[Text] = None  # a built-in task; default wordnet-supersense unless files are given
+    data_dir: Optional[Text] = None  # local copy of a built-in task's data (GLUE files, Fashion-MNIST IDX files)
+    train_file: Optional[Text] = None
+    validation_file: Optional[Text] = None
+    test_file: Optional[Text] = None
+    text_column: Optional[Text] = None
+    text_pair_column: Optional[Text] = None
+    label_column: Optional[Text] = None
+    image_root: Optional[Text] = None  # an image folder: the user's own task, or a built-in one's local copy
+    max_train_samples: Optional[Positive] = None  # default: all (6000 in the default run)
+    max_eval_samples: Optional[Positive] = None  # per evaluation split; default: all (2000 in the default run)
     # The model
-    model: Optional[str] = None  # default: all-MiniLM-L6-v2 (text) or google/vit-base-patch16-224 (images)
-    pooling: Optional[str] = None  # mean | cls; default: the checkpoint's own (mean for sentence-transformers)
-    max_length: int = 128
+    model: Optional[Text] = None  # default: all-MiniLM-L6-v2 (text) or google/vit-base-patch16-224 (images)
+    pooling: Optional[Literal["mean", "cls"]] = None  # default: the checkpoint's own (mean for sentence-transformers)
+    max_length: Positive = 128  # at most the model's positions (checked when its config is read)
+    trust_remote_code: bool = False  # run code shipped in a model folder (its config's auto_map): only if you trust it
     # The adapter
-    construction: str = "qkv_depth"
-    factorization: Optional[str] = None
+    construction: Text = "qkv_depth"
+    factorization: Optional[Text] = None
     ranks: Ranks = 8
-    budget: Optional[str] = None  # "lora:8" (LoRA rank 8's parameter count) or a number of parameters
-    scaling: float = 1.0
-    dropout: float = 0.0
-    roles: list = field(default_factory=lambda: ["q", "k", "v"])
-    role_patterns: Optional[dict] = None  # for models TensLoRA does not know (config file only)
+    budget: Optional[Text] = None  # "lora:8" (LoRA rank 8's parameter count) or a number of parameters
+    scaling: Number = 1.0
+    dropout: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
+    roles: list[Text] = Field(default_factory=lambda: ["q", "k", "v"])
+    role_patterns: Optional[dict[Text, Text]] = None  # for models TensLoRA does not know (config file only)
     head_only: bool = False  # the baseline: train the classification head only, no adapter
     # The optimization
-    lr: float = 1e-2  # for short runs: a zero-core Tucker adapter needs a large step to start (see docs)
-    epochs: float = 2.0
-    max_steps: Optional[int] = None
-    batch_size: int = 32
-    gradient_accumulation: int = 1
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
+    lr: Annotated[Number, Field(gt=0.0)] = 1e-2  # for short runs: a zero-core Tucker adapter needs a large step
+    epochs: Annotated[Number, Field(gt=0.0)] = 2.0
+    max_steps: Optional[Positive] = None
+    batch_size: Positive = 32
+    gradient_accumulation: Positive = 1
+    warmup_ratio: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
+    weight_decay: Annotated[Number, Field(ge=0.0)] = 0.0
+    seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] = 0
     bf16: Optional[bool] = None  # autocast in bfloat16; default: where the hardware computes it natively
-    threads: Optional[int] = None  # torch CPU threads; default 1 (fastest when cores are shared)
+    threads: Optional[Positive] = None  # torch CPU threads; default 1 (fastest when cores are shared)
     # Where
-    output_dir: Optional[str] = None
+    output_dir: Optional[Text] = None
     resume: bool = False
+
+    @field_validator("ranks", mode="before")
+    @classmethod
+    def _parse_ranks(cls, value: Any) -> Any:
+        return parse_ranks(value) if isinstance(value, str) else check_rank_shape(value)
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _split_roles(cls, value: Any) -> Any:
+        return [role.strip() for role in value.split(",") if role.strip()] if isinstance(value, str) else value
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in BUILTIN_TASKS:
+            raise ValueError(f"unknown task '{value}'; choose one of {', '.join(BUILTIN_TASKS)}")
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _readable_budget(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            parse_budget(value)
+        return value
+
+    @field_validator("role_patterns")
+    @classmethod
+    def _compiling_patterns(cls, value: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        for role, pattern in (value or {}).items():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"the pattern of role '{role}' is not a regular expression ({error}): "
+                                 f"{pattern!r}") from None
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _check_given(cls, values: Any, handler: Any) -> TrainOptions:
+        """Refuse contradictory options, counting those given a value other than their default."""
+        options = handler(values)
+        passed = (values.kwargs or {}) if hasattr(values, "kwargs") else dict(values)
+        check_contradictions(options, {name for name in passed if getattr(options, name) != default_value(name)})
+        return options
 
     def __post_init__(self) -> None:
         for name in PATH_OPTIONS:  # recorded absolute: a run can be evaluated or resumed from anywhere
@@ -84,13 +158,6 @@ class TrainOptions:
             self.task = DEFAULT_TASK
             self.max_train_samples = self.max_train_samples or DEFAULT_RUN_SAMPLES["max_train_samples"]
             self.max_eval_samples = self.max_eval_samples or DEFAULT_RUN_SAMPLES["max_eval_samples"]
-        self.ranks = parse_ranks(self.ranks)
-        if isinstance(self.roles, str):
-            self.roles = [role.strip() for role in self.roles.split(",")]
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}.")
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}.")
         if sum(bool(source) for source in (self.task, self.train_file, self.image_root and not self.task)) > 1:
             raise ValueError("Give one source of data: --task (with --data-dir or --image-root for local copies), "
                              "--train-file, or --image-root alone for your own image folder.")
@@ -101,8 +168,19 @@ class TrainOptions:
         if given and not self.train_file:
             raise ValueError(f"{', '.join(given)} describe your own files: give --train-file too (built-in tasks "
                              "know their columns).")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio is a share of the training steps, in [0, 1); got {self.warmup_ratio}.")
+        if not self.head_only:
+            self._check_adapter()
+
+    def _check_adapter(self) -> None:
+        """Construction, ranks, roles... checked by ``TensLoraConfig`` itself (no model needed); its message is
+        completed with the adapter options set here, since it may not name the one at fault."""
+        try:
+            adapter_config(self, model_config=None, task_type=None)
+        except ValueError as error:
+            changed = [f"--{name.replace('_', '-')}" for name in ADAPTER_OPTIONS
+                       if getattr(self, name) != default_value(name)]
+            given = f" (adapter options set: {', '.join(changed)})" if changed else ""
+            raise ValueError(f"{error}{given}") from None
 
     @property
     def task_name(self) -> str:
@@ -117,11 +195,56 @@ class TrainOptions:
         return self.construction if self.factorization is None else f"{self.construction}-{self.factorization}"
 
     def identity(self) -> dict[str, Any]:
-        """The options that make two runs different (not where they are written, nor how fast they run)."""
+        """The options that make two runs different (not where they are written, nor how fast they run).
+
+        ``trust_remote_code`` is recorded only when granted, so runs made before the option keep their identity.
+        """
         data = dataclasses.asdict(self)
         for key in ("output_dir", "resume", "threads"):
             data.pop(key)
+        if not data["trust_remote_code"]:
+            data.pop("trust_remote_code")
         return json.loads(json.dumps(data))  # the JSON form, as recorded in run.json
+
+    def check_model_limits(self, model_config: Any, preprocessor: Any = None) -> None:
+        """The options checked against the model once its config is read, before training: ``max_length``
+        within its positions (and within its tokenizer's limit, when the tokenizer states one)."""
+        limits = [getattr(model_config, "max_position_embeddings", None),
+                  getattr(preprocessor, "model_max_length", None)]
+        if limits[0] and getattr(model_config, "model_type", "") in POSITIONS_AFTER_PADDING:
+            limits[0] -= (model_config.pad_token_id or 0) + 1
+        known = [limit for limit in limits if isinstance(limit, int) and 0 < limit < 10**7]  # tokenizers say 1e30
+        if known and self.max_length > min(known):
+            raise ValueError(f"--max-length {self.max_length} is more than the model's {min(known)} positions; "
+                             f"use --max-length {min(known)} or less.")
+
+    def replace(self, **changes: Any) -> TrainOptions:
+        """A copy with ``changes``, validated; unlike ``dataclasses.replace``, options this one left at their
+        default stay defaults (so a ``budget`` change is no contradiction with a default ``ranks``)."""
+        kept = {name: getattr(self, name) for name in option_names() if getattr(self, name) != default_value(name)}
+        return TrainOptions(**{**kept, **changes})
+
+
+def option_names() -> list[str]:
+    """Every option, in declaration order: the config-file keys."""
+    return [field.name for field in dataclasses.fields(TrainOptions)]
+
+
+def default_value(name: str) -> Any:
+    """The default of option ``name``."""
+    return TrainOptions.__pydantic_fields__[name].get_default(call_default_factory=True)
+
+
+def check_contradictions(options: TrainOptions, given: Iterable[str]) -> None:
+    """Refuse options that another option would silently override; ``given`` are the options set explicitly."""
+    given = set(given)
+    if options.budget is not None and "ranks" in given:
+        raise ValueError("--budget chooses the ranks itself: give --budget or --ranks, not both.")
+    if options.head_only:
+        adapter = [f"--{name.replace('_', '-')}" for name in ADAPTER_OPTIONS if name in given]
+        if adapter:
+            raise ValueError(f"--head-only trains no adapter, but adapter options were given ({', '.join(adapter)}); "
+                             "drop them or drop --head-only.")
 
 
 #: The options that say where the data comes from: a new source replaces all of them.
@@ -129,14 +252,36 @@ DATA_SOURCE_KEYS = ("task", "data_dir", "train_file", "validation_file", "test_f
                     "text_pair_column", "label_column", "image_root")
 
 
-def options_from_mapping(values: Mapping[str, Any]) -> TrainOptions:
-    """``TrainOptions`` from a dict whose keys are field names (dashes allowed); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(TrainOptions)}
-    values = {key.replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(set(values) - names)
+def options_from_mapping(values: Mapping[str, Any], typed: bool = False) -> TrainOptions:
+    """``TrainOptions`` from a dict whose keys are field names (dashes allowed); unknown keys are an error.
+
+    ``typed``: the keys were typed by the user (flags, a config file), so each counts as given, even with
+    its default value (``--budget lora:8 --ranks 8`` is refused). A run's recorded options are not typed.
+    """
+    values = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(set(values) - set(option_names()))
     if unknown:
         raise ValueError(f"Unknown option(s) {unknown}; see `tenslora train --help` for the valid ones.")
-    return TrainOptions(**values)
+    options = TrainOptions(**values)
+    if typed:
+        check_contradictions(options, values)
+    return options
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """A pydantic error as one line: each problem with the option it concerns and the value given."""
+    problems = []
+    for item in error.errors(include_url=False):
+        message = item["msg"].removeprefix("Value error, ")
+        location = [str(part) for part in item["loc"]]
+        if not location:  # a check across options: its message names them
+            problems.append(message)
+            continue
+        name = location[0]
+        where = f"option {name} (--{name.replace('_', '-')})" + "".join(f"[{part}]" for part in location[1:])
+        given = "" if item["type"] == "value_error" else f", got {item['input']!r}"  # our messages name the value
+        problems.append(f"{where}: {message}{given}")
+    return "; ".join(problems)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -145,7 +290,9 @@ def read_config_file(path: str) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"Config file '{path}' not found; check the --config path.")
     try:
-        values = yaml.safe_load(file.read_text())  # YAML is a superset of JSON
+        values = yaml.safe_load(file.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except UnicodeDecodeError:
+        raise ValueError(f"Config file '{path}' is not UTF-8 text; save it as UTF-8 YAML or JSON.") from None
     except yaml.YAMLError as error:
         raise ValueError(f"Config file '{path}' is not valid YAML/JSON: {str(error).splitlines()[0]}") from None
     if not isinstance(values, dict):
@@ -153,10 +300,8 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-def parse_ranks(ranks: Ranks) -> Union[int, list, dict]:
-    """``8`` -> 8; ``"8,8,3,4"`` -> [8, 8, 3, 4]; ``"in=8,out=8,qkv=3,depth=full"`` -> a dict by mode."""
-    if not isinstance(ranks, str):
-        return ranks
+def parse_ranks(ranks: str) -> Union[int, list, dict]:
+    """``"8"`` -> 8; ``"8,8,3,4"`` -> [8, 8, 3, 4]; ``"in=8,out=8,qkv=3,depth=full"`` -> a dict by mode."""
     try:
         parts = [part.strip() for part in ranks.split(",") if part.strip()]
         if parts and all("=" in part for part in parts):
@@ -170,16 +315,44 @@ def parse_ranks(ranks: Ranks) -> Union[int, list, dict]:
     return values[0] if len(values) == 1 else values
 
 
-def budget_parameters(budget: str | int, model_config: Any, roles: list[str]) -> int:
-    """A budget as a parameter count: ``lora:8`` is the count of LoRA rank 8 on ``roles``."""
+def check_rank_shape(ranks: Any) -> Any:
+    """``ranks`` as an int, a list of ints or a mapping of mode name to int or ``"full"`` (numeric strings read
+    as ints); their values are checked against the construction later."""
+    def rank(value: Any, full: bool = False) -> Any:
+        if full and value == "full":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError("ranks must be an integer, a list of integers (one per mode) or a mapping of mode names "
+                         "to integers or 'full', e.g. 8, [8, 8, 3, 4] or {in: 8, out: 8, qkv: 3, depth: full}; "
+                         f"got {ranks!r}")
+
+    if isinstance(ranks, list) and ranks:
+        return [rank(value) for value in ranks]
+    if isinstance(ranks, dict) and ranks:
+        return {str(mode): rank(value, full=True) for mode, value in ranks.items()}
+    return rank(ranks)
+
+
+def parse_budget(budget: str) -> tuple[Optional[int], Optional[int]]:
+    """``"lora:8"`` -> (8, None): LoRA rank 8's count; ``"5000"`` -> (None, 5000) parameters."""
     text = str(budget).strip()
     try:
-        if text.startswith("lora:"):
-            return lora_parameter_count(int(text[len("lora:"):]), model_config, roles)
-        return int(text)
+        value = int(text[len("lora:"):] if text.startswith("lora:") else text)
     except ValueError:
-        raise ValueError(f"Cannot read budget '{budget}': use lora:8 (LoRA rank 8's count) or a number of "
-                         "parameters.") from None
+        value = 0
+    if value < 1:
+        raise ValueError(f"Cannot read budget '{budget}': use lora:8 (LoRA rank 8's count) or a positive number of "
+                         "parameters.")
+    return (value, None) if text.startswith("lora:") else (None, value)
+
+
+def budget_parameters(budget: str, model_config: Any, roles: list[str]) -> int:
+    """A budget as a parameter count: ``lora:8`` is the count of LoRA rank 8 on ``roles``."""
+    lora_rank, parameters = parse_budget(budget)
+    return parameters if lora_rank is None else lora_parameter_count(lora_rank, model_config, roles)
 
 
 def adapter_config(options: TrainOptions, model_config: Any, task_type: Optional[str],
@@ -187,15 +360,17 @@ def adapter_config(options: TrainOptions, model_config: Any, task_type: Optional
     """The ``TensLoraConfig`` of a run; with a budget, the ranks are the isoparameter ones (``match_budget``).
 
     A preset keeps its rank rule under a budget: LoTR's depth mode stays full, only the shared ranks move.
+    Without ``model_config`` the budget is left unresolved: the config then only checks the options.
     """
     config = TensLoraConfig(construction=options.construction, factorization=options.factorization,
                             ranks=options.ranks, scaling=options.scaling, dropout=options.dropout,
                             roles=options.roles, role_patterns=options.role_patterns, task_type=task_type,
                             modules_to_save=modules_to_save)
-    if options.budget is not None:
+    if options.budget is not None and model_config is not None:
         rules = PRESETS[options.construction].tucker_ranks if options.construction in PRESETS else None
         fixed = {mode: "full" for mode, rule in (rules or {}).items() if rule == "full"} or None
         budget = budget_parameters(options.budget, model_config, config.roles)
         config.ranks = match_budget(config.construction, config.factorization, budget, model_config,
                                     roles=config.roles, fixed=fixed)
     return config
+

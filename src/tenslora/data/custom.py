@@ -35,7 +35,8 @@ def custom_image_task(image_root: str) -> TaskSpec:
 def _load_text_files(files: dict[str, tuple[str, str]], text_columns: list[str], label_column: str) -> DatasetDict:
     data = DatasetDict({split: load_file(path, option) for split, (path, option) in files.items()})
     check_columns(data, [*text_columns, label_column],
-                  "set --text-column, --text-pair-column and --label-column to columns of your files")
+                  "set --text-column, --text-pair-column and --label-column to columns of your files",
+                  sources={split: path for split, (path, _) in files.items()})
     return DatasetDict({split: _with_label_column(dataset, label_column) for split, dataset in data.items()})
 
 

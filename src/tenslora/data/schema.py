@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features
 
 from .errors import DataError
 
 
-def check_columns(data: DatasetDict, columns: Sequence[str], hint: str) -> None:
-    """The data has a train split, and every split has ``columns``; ``hint`` says how to fix a missing one."""
+def check_columns(data: DatasetDict, columns: Sequence[str], hint: str,
+                  sources: Mapping[str, str | os.PathLike] | None = None) -> None:
+    """The data has a train split, and every split has ``columns``; ``hint`` says how to fix a missing one,
+    and ``sources`` (the file of each split, when known) where."""
     if "train" not in data:
         raise DataError(f"the data has no train split (it has: {', '.join(data) or 'none'}); provide training data")
     for split, dataset in data.items():
         missing = [column for column in columns if column not in dataset.column_names]
         if missing:
-            raise DataError(f"the {split} split has no column {', '.join(map(repr, missing))} "
+            where = f" ({sources[split]})" if sources and split in sources else ""
+            raise DataError(f"the {split} split{where} has no column {', '.join(map(repr, missing))} "
                             f"(it has: {', '.join(dataset.column_names)}); {hint}")
 
 
