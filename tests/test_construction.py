@@ -53,8 +53,8 @@ def test_int_rank_is_capped_silently_but_explicit_rank_warns():
         ({"ranks": {"in": 8, "out": 8, "qkv": 3}}, r"misses mode\(s\) \['depth'\]"),
         ({"factorization": "cp", "ranks": {"in": 8}}, "CP has one rank"),
         ({"construction": "lorta", "factorization": "tucker"}, "preset uses cp"),
-        ({"roles": ["q", "x"]}, "roles must be distinct names"),
-        ({"dropout": 1.5}, "dropout must be in"),
+        ({"roles": ["q", "x"]}, "`roles` must be distinct names"),
+        ({"dropout": 1.5}, r"`dropout` must be in \[0, 1\)"),
     ],
 )
 def test_bad_configurations_name_the_problem(kwargs, message):
