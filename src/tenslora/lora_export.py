@@ -29,6 +29,7 @@ from .config import TensLoraConfig
 from .layer import TensLoraLayer
 
 _MODEL_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules in a saved adapter
+_LORA_BIAS = {"none": "none", "all": "all", "tenslora_only": "lora_only"}  # trained biases keep LoRA's key names
 
 
 @torch.no_grad()
@@ -70,7 +71,7 @@ def lora_adapter(peft_model: PeftModel, adapter_name: str = "default") -> tuple[
     ``lora_alpha`` equals each module's rank (PEFT's scale ``lora_alpha / r`` is 1; TensLoRA's scaling is in
     ``B``). The global ``r`` is the largest module rank; modules of another rank are listed in
     ``rank_pattern`` and ``alpha_pattern``. Modules besides the adapter (the trained head) are kept as
-    ``modules_to_save``, under the keys PEFT saves them with.
+    ``modules_to_save`` and trained biases as LoRA's ``bias``, under the keys PEFT saves them with.
     """
     config = _tenslora_config(peft_model, adapter_name)
     model = peft_model.base_model.model
@@ -89,14 +90,17 @@ def lora_adapter(peft_model: PeftModel, adapter_name: str = "default") -> tuple[
         task_type=config.task_type, base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision, r=rank, lora_alpha=rank, target_modules=sorted(factors),
         rank_pattern=other_ranks, alpha_pattern=dict(other_ranks), lora_dropout=config.dropout,
-        fan_in_fan_out=conv1d == {True}, modules_to_save=config.modules_to_save, bias="none", inference_mode=True,
+        fan_in_fan_out=conv1d == {True}, modules_to_save=config.modules_to_save, bias=_LORA_BIAS[config.bias],
+        inference_mode=True,
     )
     state = {key: value for key, value in get_peft_model_state_dict(peft_model, adapter_name=adapter_name).items()
              if key.startswith(_MODEL_PREFIX)}
     for name, (lora_a, lora_b) in factors.items():
         state[f"{_MODEL_PREFIX}{name}.lora_A.weight"] = lora_a
         state[f"{_MODEL_PREFIX}{name}.lora_B.weight"] = lora_b
-    return lora_config, {key: value.detach().cpu().contiguous() for key, value in state.items()}
+    # Copies: PEFT's state dict may name one tensor twice (a head's bias with bias="all"); safetensors refuses that.
+    return lora_config, {key: value.detach().cpu().clone(memory_format=torch.contiguous_format)
+                         for key, value in state.items()}
 
 
 def export_lora(peft_model: PeftModel, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
