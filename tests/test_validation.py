@@ -8,6 +8,7 @@ naming the option, no traceback, nothing loaded and nothing written.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import typing
@@ -296,3 +297,40 @@ def test_trust_remote_code_reaches_the_loaders(tmp_path, monkeypatch):
     tenslora.modeling.load_model_config(str(model), trust_remote_code=True)
     tenslora.modeling.load_model_config(str(tmp_path))  # a folder without custom code: explicitly False
     assert calls == [True, False] and not (model / "RAN").exists()
+
+
+@pytest.mark.parametrize(("error", "words"), [
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/run.json"), ["/runs/x/run.json", "free some space"]),
+    (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), ["/runs/x", "permissions"]),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/data/train.csv"), ["/data/train.csv", "not a folder"]),
+    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/runs/file/x"), ["/runs/file/x", "folder"]),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), ["UTF-8", "invalid start byte"]),
+])
+def test_file_system_errors_are_one_line_naming_the_path(error, words, monkeypatch, capsys):
+    def fail(options):
+        raise error
+
+    monkeypatch.setattr(tenslora.cli, "run_training", fail)
+    line = _assert_one_line_error(capsys, main(["train"]))
+    assert all(word in line for word in words), line
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    def bug(options):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(tenslora.cli, "run_training", bug)
+    with pytest.raises(TypeError):
+        main(["train"])
+    monkeypatch.setattr(tenslora.cli, "run_training", lambda options: (_ for _ in ()).throw(ConnectionError("x")))
+    with pytest.raises(ConnectionError):  # an OSError, but not a file's: not the user's to fix here
+        main(["train"])
+
+
+def test_config_files_that_cannot_be_read(tmp_path, capsys):
+    config = tmp_path / "options.yaml"
+    config.write_bytes("lr: 0,01 # caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in _assert_one_line_error(capsys, _run(["train", "--config", str(config)]), "options.yaml")
+    config.write_text("- lr\n- 1e-3\n")
+    assert "mapping" in _assert_one_line_error(capsys, _run(["train", "--config", str(config)]), "options.yaml")
+    assert "not found" in _assert_one_line_error(capsys, _run(["train", "--config", str(tmp_path)]), "--config")
