@@ -74,7 +74,7 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         raise ValueError(f"`fixed` ranks must be positive integers or 'full', got {invalid}.")
 
     def ranks_at(r: int) -> RankSpec:
-        per_family = {family: {m: min(r, n) if m not in fixed else (n if fixed[m] == "full" else min(fixed[m], n))
+        per_family = {family: {m: min(r, n) if m not in fixed else ("full" if fixed[m] == "full" else min(fixed[m], n))
                                for m, n in sizes.items()}
                       for family, sizes in family_sizes.items()}
         return per_family if len(per_family) > 1 else next(iter(per_family.values()))
