@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import tenslora
 from tenslora import TensLoraConfig
+from tenslora.cli import main
 from tenslora.construction import CONSTRUCTIONS
 from tenslora.params import format_parameter_table
 from tiny import bert, distilbert, gpt2, inputs, llama
@@ -272,3 +273,10 @@ def test_params_table_on_all_linear():
     table = format_parameter_table(llama().config, "tiny-llama", 2, "all-linear", "tucker")
     assert "adapting q,k,v,o,gate,up,down" in table and "LoRA rank 2: 1,724 trainable parameters" in table
     assert "attention[in=" in table and "mlp[in=" in table
+
+
+def test_cli_params_with_all_linear(tmp_path, capsys):
+    llama().config.save_pretrained(tmp_path)
+    assert main(["params", "--model", str(tmp_path), "--roles", "all-linear", "--lora-rank", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "adapting q,k,v,o,gate,up,down" in table and "LoRA rank 2: 1,724 trainable parameters" in table
