@@ -23,8 +23,8 @@ from tiny import bert, gpt2, inputs, llama
 
 # name: (model builder, adapter options). Together: BERT with `o` (a transposed slice), LLaMA's grouped-query
 # k/v (narrower slices), GPT-2's fused Conv1D `c_attn` with one role left out and with q, k, v sharing U_in,
-# modules of different ranks (GPT-2's c_attn stacks three input factors, c_proj has one), Tucker and CP, and
-# trained biases (LoRA's `bias`).
+# modules of different ranks (GPT-2's c_attn stacks three input factors, c_proj has one), Tucker and CP, the MLP
+# projections (`down` transposed like `o`; LLaMA's d_ffn is not a multiple of anything) and trained biases.
 CASES = {
     "bert-tucker-o": (bert, dict(construction="qkv_depth", factorization="tucker", roles=["q", "k", "v", "o"],
                                  ranks=3)),
@@ -33,6 +33,9 @@ CASES = {
     "gpt2-qv-tucker": (gpt2, dict(construction="qkv", factorization="tucker", roles=["q", "v"], ranks=2)),
     "gpt2-depth-tucker": (gpt2, dict(construction="depth", factorization="tucker", roles=["q", "k", "v", "o"],
                                      ranks=2)),
+    "llama-all-linear-tucker": (llama, dict(construction="qkv_depth", factorization="tucker", ranks=2,
+                                           roles=["q", "k", "v", "o", "gate", "up", "down"])),
+    "gpt2-mlp-cp": (gpt2, dict(construction="depth", factorization="cp", roles=["q", "v", "up", "down"], ranks=2)),
     "bert-bias-all": (bert, dict(construction="qkv", roles=["q", "v"], ranks=2, bias="all")),
     "gpt2-bias-adapted": (gpt2, dict(construction="qkv", roles=["q", "v", "o"], ranks=2, bias="tenslora_only")),
 }
