@@ -157,6 +157,7 @@ def test_grouped_query_key_value_tensors_have_their_own_width():
     config = TensLoraConfig(construction="lora", ranks=2)
     assert adapter_numel(get_peft_model(copy.deepcopy(base), config)) == tenslora.count_parameters(
         config, base.config) == expected == 2 * 2 * ((32 + 32) + 2 * (32 + 16))
+    assert tenslora.count_parameters(TensLoraConfig(construction="lora", ranks=4), base.config) == 1_280  # not 1,536
     for construction, mode, k_size, stacked_size in [("matrix", "out", 16, None), ("depth", "out", 16, None),
                                                       ("att", "heads", 2, None), ("att_depth", "heads", 2, None),
                                                       ("qkv", "out", None, 32), ("att_qkv_depth", "heads", None, 4)]:
