@@ -1,4 +1,4 @@
-"""The ``tenslora`` command: train, sweep, eval, params, merge.
+"""The ``tenslora`` command: train, sweep, eval, params, merge, export-lora.
 
 Bad input ends with one line naming the fix and exit code 2 (argparse's own code for usage
 errors), never a traceback: options are validated by ``TrainOptions`` (pydantic) before any model
@@ -260,7 +260,7 @@ def command_export_lora(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tenslora", description="Tensor low-rank adapters (TensLoRA): "
-                    "fine-tune, compare with LoRA, evaluate, count parameters, merge.")
+                    "fine-tune, compare with LoRA, evaluate, count parameters, merge, export to LoRA.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune a model with a tensor adapter (no argument: a "

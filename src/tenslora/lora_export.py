@@ -148,5 +148,7 @@ def _tenslora_config(peft_model: PeftModel, adapter_name: str) -> TensLoraConfig
     if config is None:
         raise ValueError(f"The model has no adapter named '{adapter_name}'; it has {list(peft_model.peft_config)}.")
     if not isinstance(config, TensLoraConfig):
-        raise ValueError(f"Adapter '{adapter_name}' is a {config.peft_type} adapter, not a TensLoRA one.")
+        kind = getattr(config.peft_type, "value", config.peft_type)
+        raise ValueError(f"Adapter '{adapter_name}' is a {kind} adapter, not a TensLoRA one; only TensLoRA adapters "
+                         "are exported (PEFT's own `convert_to_lora` handles other methods).")
     return config
