@@ -179,11 +179,12 @@ def test_a_second_writer_is_refused(tiny, tmp_path):  # noqa: F811
     folder.mkdir()
     holder = _hold_lock_in_another_process(folder / LOCK_FILE)
     try:
-        with pytest.raises(ValueError, match=f"Another process is training in '{folder}'"):
-            run_training(options)
+        (folder / "run.json").write_text(json.dumps({"options": options.identity(), "labels": []}))  # the other's
+        for resume in (False, True):
+            with pytest.raises(ValueError, match=f"Another process is training in '{folder}'"):
+                run_training(_text_options(tiny, tmp_path, resume=resume))
         with pytest.raises(ValueError, match="Another process is training in"), run_lock(folder):
             pass
-        (folder / "run.json").write_text("{}")
         (folder / "metrics.json").write_text("{}")
         with pytest.raises(ValueError, match="Another process is training in"):
             evaluate_run(str(folder))

@@ -207,10 +207,10 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     start = time.monotonic()
     output_dir = options.output_dir or default_output_dir(options)
     state = process_state()
+    if state.is_main_process:
+        check_not_busy(output_dir)  # first: a second writer is refused at once, whatever the folder holds
     if check_run_dir(output_dir, options.identity(), options.resume):
         return read_json(os.path.join(output_dir, METRICS_FILE))
-    if state.is_main_process:
-        check_not_busy(output_dir)  # before the data is loaded: a second writer is refused at once
     prepared = prepare(options)
     check_same_labels(output_dir, prepared.run["labels"])
     state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
