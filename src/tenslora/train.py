@@ -109,11 +109,13 @@ def prepare(options: TrainOptions) -> Prepared:
     with process_state().main_process_first():  # one process fills the datasets cache, the others read it
         data = inputs.load(options)
     model_name = options.model or default_model(data.modality)
-    preprocessor = load_preprocessor(model_name, data.modality)  # first: it names a model that cannot be loaded
+    # first: it names a model that cannot be loaded
+    preprocessor = load_preprocessor(model_name, data.modality, options.trust_remote_code)
     pooling = resolve_pooling(model_name, options.pooling) if data.modality == "text" else None
     set_seed(options.seed)  # the head's and the adapter's initialization
     model = build_classifier(model_name, data.labels, data.modality, pooling,
-                             pad_token_id=getattr(preprocessor, "pad_token_id", None))
+                             pad_token_id=getattr(preprocessor, "pad_token_id", None),
+                             trust_remote_code=options.trust_remote_code)
     options.check_model_limits(model.config, preprocessor)  # max_length within the model's positions
     run = {"options": options.identity(), "model": model_name, "modality": data.modality, "pooling": pooling,
            "labels": list(data.labels)}
