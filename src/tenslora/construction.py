@@ -230,11 +230,10 @@ class Geometry:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One tensor of an adapter: its family, the construction it follows and its mode sizes."""
+    """One tensor of an adapter: its family and its mode sizes (in its construction's mode order)."""
 
     key: str
     family: str
-    construction: Construction
     sizes: Mapping[str, int]
 
 
@@ -248,7 +247,7 @@ def tensor_specs(construction: Construction, geometry: Geometry,
         sizes = geometry.mode_sizes(construction, family, None if construction.stack_roles else role)
         for layer in layers:
             key = tensor_key(construction, role, layer)
-            specs.setdefault(key, TensorSpec(key, family, construction.for_family(family), sizes))
+            specs.setdefault(key, TensorSpec(key, family, sizes))
     return dict(sorted(specs.items()))
 
 
