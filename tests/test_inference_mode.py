@@ -12,13 +12,14 @@ CASES = [  # model, construction, roles: separate q/k/v, grouped-query attention
     ("bert", "att_qkv_depth", ["q", "k", "v", "o"]),
     ("llama", "qkv_depth", ["q", "k", "v", "o"]),
     ("llama", "att_depth", ["q", "k", "v"]),
+    ("llama", "att_qkv_depth", "all-linear"),  # MLP roles too (gate, up, down transposed)
     ("gpt2", "qkv", ["q", "k", "v", "o"]),
     ("gpt2", "depth", ["q", "v"]),
 ]
 BUILD = {"bert": bert, "llama": llama, "gpt2": gpt2}
 
 
-def _adapted(model_name: str, construction: str, factorization: str, roles: list[str]):
+def _adapted(model_name: str, construction: str, factorization: str, roles: list[str] | str):
     config = TensLoraConfig(construction=construction, factorization=factorization, ranks=3, roles=roles,
                             init_weights=False)  # random factors: the adapter changes the output
     return get_peft_model(BUILD[model_name](), config).eval()
