@@ -1,4 +1,9 @@
-"""`tenslora sweep` on a tiny model and task: the plan, resuming, accumulating, the three reports, errors."""
+"""`tenslora sweep`: the plan, the learning rate chosen on validation, budgets, statistics, reports, resuming.
+
+One real sweep on a tiny model and task runs every flag end to end; the tests of the selection and
+the statistics replace the training by a stand-in whose scores they choose (validation and test
+disagreeing on purpose), which makes them fast and exact.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,21 @@ from pathlib import Path
 
 import pytest
 
+import tenslora.sweep
 from tenslora.cli import main
 from tenslora.options import TrainOptions
 from tenslora.runs import atomic_destination
-from tenslora.sweep import plan
+from tenslora.sweep import plan, points
 from test_cli import FLAGS, _error_line
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
+
+#: The test flags without the learning rate, which each sweep gives (--lr or --lrs).
+SWEEP_FLAGS = [flag for i, flag in enumerate(FLAGS) if flag != "--lr" and FLAGS[i - 1] != "--lr"]
 
 
 def _sweep(tiny, sweep_dir, *extra) -> int:  # noqa: F811
     return main(["sweep", str(sweep_dir), "--task", "glue-mrpc", "--data-dir", str(tiny / "mrpc"),
-                 "--model", str(tiny / "bert"), "--lora-rank", "2", "--constructions", "qkv_depth", *FLAGS, *extra])
+                 "--model", str(tiny / "bert"), "--constructions", "qkv_depth", *SWEEP_FLAGS, *extra])
 
 
 def _rows(sweep_dir: Path) -> list[dict]:
@@ -26,60 +35,96 @@ def _rows(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def _table_line(sweep_dir: Path, start: str) -> str:
+    return next(line for line in (sweep_dir / "results.md").read_text().splitlines() if line.startswith(start))
+
+
 @pytest.fixture(scope="module")
 def sweep_dir(tiny, tmp_path_factory) -> Path:  # noqa: F811
+    """LoRA r=1, 2 and qkv_depth at their counts and at 150 parameters (10 is out of reach), two learning
+    rates chosen on seed 0 (the economy), seeds 0 and 1: 5 rows, 5 x 2 + 5 runs."""
     out = tmp_path_factory.mktemp("sweep") / "sweep"
-    assert _sweep(tiny, out, "--seeds", "0,1") == 0
+    assert _sweep(tiny, out, "--lora-ranks", "1,2", "--conditions", "isoparameter", "--budgets", "150,10",
+                  "--lrs", "1e-2,3e-2", "--select-on-seed", "0", "--seeds", "0,1") == 0
     return out
 
 
-def test_plan_is_lora_then_each_condition_seed_major():
-    runs = plan(TrainOptions(), Path("s"), 8, ["qkv", "att"], ["isorank", "isoparameter"], [0, 1])
-    assert [run.name for run in runs[:5]] == ["lora-r8-seed0", "qkv-isorank-r8-seed0", "qkv-isoparameter-r8-seed0",
-                                              "att-isorank-r8-seed0", "att-isoparameter-r8-seed0"]
-    assert len(runs) == 10 and {run.seed for run in runs[5:]} == {1}
+def test_points_then_plan_seed_major_and_rate_by_rate():
+    found = points([2, 8], ["qkv", "att"], ["isorank", "isoparameter"], [1500])
+    assert [point.stem for point in found[:5]] == ["lora-r2", "qkv-isorank-r2", "qkv-isoparameter-r2",
+                                                  "att-isorank-r2", "att-isoparameter-r2"]
+    assert [point.budget for point in found[-2:]] == ["1500", "1500"] and len(found) == 2 * 5 + 2
+    runs = plan(TrainOptions(), Path("s"), found, [0, 1], [0.01, 0.005])
+    assert len(runs) == len(found) * 2 * 2 and {run.seed for run in runs[:len(found) * 2]} == {0}
     by_name = {run.name: run.options for run in runs}
-    assert by_name["lora-r8-seed1"].construction == "lora" and by_name["lora-r8-seed1"].seed == 1
-    assert by_name["qkv-isoparameter-r8-seed0"].budget == "lora:8" and by_name["qkv-isorank-r8-seed0"].budget is None
-    assert by_name["att-isorank-r8-seed1"].output_dir == str(Path("s") / "runs" / "att-isorank-r8-seed1")
+    assert by_name["lora-r8-lr0.005-seed1"].construction == "lora" and by_name["lora-r8-lr0.005-seed1"].lr == 0.005
+    assert by_name["qkv-isoparameter-r2-lr0.01-seed0"].budget == "lora:2"
+    assert by_name["qkv-isorank-r2-lr0.01-seed0"].budget is None and by_name["qkv-isorank-r2-lr0.01-seed0"].ranks == 2
+    assert by_name["att-isoparameter-p1500-lr0.01-seed1"].budget == "1500"
+    assert by_name["att-isorank-r8-lr0.01-seed1"].output_dir == str(Path("s") / "runs" / "att-isorank-r8-lr0.01-seed1")
 
 
-def test_sweep_writes_one_row_a_run_and_the_reports(sweep_dir):
+def test_sweep_selects_on_validation_and_reports_every_run(sweep_dir):
     rows = _rows(sweep_dir)
-    assert sorted((row["condition"], row["seed"]) for row in rows) == sorted(
-        (condition, seed) for condition in ("lora", "isorank", "isoparameter") for seed in "01")
-    lora = {int(row["adapter_parameters"]) for row in rows if row["condition"] == "lora"}
-    matched = {int(row["adapter_parameters"]) for row in rows if row["condition"] == "isoparameter"}
-    isorank = {row["ranks"] for row in rows if row["condition"] == "isorank"}
-    assert len(lora) == len(matched) == 1 and 0.5 <= matched.pop() / lora.pop() <= 2.0
-    assert isorank == {"in=2,out=2,qkv=2,depth=2"}  # the ranks in effect, one per mode
+    assert list(rows[0])[:7] == ["name", "construction", "condition", "budget", "lr", "seed", "selected"]
+    rows_by_key: dict[tuple, list[dict]] = {}
+    for row in rows:
+        rows_by_key.setdefault((row["construction"], row["condition"], row["budget"]), []).append(row)
+    assert sorted(rows_by_key) == [("lora", "lora", "lora:1"), ("lora", "lora", "lora:2"),
+                                   ("qkv_depth", "isoparameter", "150"), ("qkv_depth", "isoparameter", "lora:1"),
+                                   ("qkv_depth", "isoparameter", "lora:2")]
+    for group in rows_by_key.values():
+        seed0 = {float(row["lr"]): float(row["validation_accuracy"]) for row in group if row["seed"] == "0"}
+        chosen = max(sorted(seed0), key=seed0.get)  # the economy: seed 0's validation score
+        assert len(seed0) == 2 and {float(row["lr"]) for row in group if row["selected"] == "True"} == {chosen}
+        assert [float(row["lr"]) for row in group if row["seed"] == "1"] == [chosen]  # seed 1 at that rate only
     for row in rows:
         assert (sweep_dir / "runs" / row["name"] / "adapter_model.safetensors").is_file()
         assert int(row["trainable_parameters"]) > int(row["adapter_parameters"]) > 0
-    table = (sweep_dir / "results.md").read_text().splitlines()
-    assert table[0].startswith("| condition | construction | ranks | adapter parameters | trainable parameters")
-    assert "f1" in table[0] and len(table) == 2 + 3 and table[2].startswith("| lora | lora |")
-    accuracies = [float(row["test_accuracy"]) for row in rows if row["condition"] == "isoparameter"]
-    expected = f"{statistics.mean(accuracies):.4f} ± {statistics.stdev(accuracies):.4f}"
-    assert any(line.startswith("| isoparameter | qkv_depth |") and expected in line for line in table)
+    assert {row["ranks"] for row in rows_by_key["qkv_depth", "isoparameter", "150"]} == {"in=2,out=2,qkv=2,depth=2"}
+
+    selected = [float(row["test_accuracy"]) for row in rows_by_key["qkv_depth", "isoparameter", "lora:2"]
+                if row["selected"] == "True"]
+    line = _table_line(sweep_dir, "| isoparameter | qkv_depth | lora:2 |")
+    assert f"{statistics.mean(selected):.4f} ± {statistics.stdev(selected):.4f} [" in line
+    assert " of 0.01, 0.03 | 2 |" in line  # the chosen rate of the two tried, and the seeds run at it
+    report = (sweep_dir / "results.md").read_text()
+    assert "## Against LoRA at the same budget" in report and "| qkv_depth | lora:1 | 2 |" in report
+    assert "qkv_depth at budget 10: skipped. No ranks of the 'qkv_depth' construction" in report
     assert (sweep_dir / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sweep_again_reads_finished_runs_and_adds_new_ones(tiny, sweep_dir, capsys):  # noqa: F811
-    adapter = sweep_dir / "runs" / "lora-r2-seed0" / "adapter_model.safetensors"
+    adapter = sweep_dir / "runs" / "lora-r2-lr0.01-seed0" / "adapter_model.safetensors"
     written = adapter.stat().st_mtime_ns
-    assert _sweep(tiny, sweep_dir, "--seeds", "0,2", "--conditions", "isoparameter", "--jobs", "2") == 0
+    assert _sweep(tiny, sweep_dir, "--lora-rank", "2", "--conditions", "isorank", "--seeds", "0,2", "--lr", "1e-2",
+                  "--jobs", "2") == 0
     assert adapter.stat().st_mtime_ns == written  # read back, not trained again
     names = [row["name"] for row in _rows(sweep_dir)]
-    assert len(names) == len(set(names)) == 6 + 2  # the first sweep's six runs and seed 2's two
-    assert {"lora-r2-seed2", "qkv_depth-isoparameter-r2-seed2", "qkv_depth-isorank-r2-seed1"} <= set(names)
-    assert "8 runs" in capsys.readouterr().out
+    assert len(names) == len(set(names)) == 15 + 3  # the first sweep's runs, then seed 2's LoRA and two isorank
+    assert {"lora-r2-lr0.01-seed2", "qkv_depth-isorank-r2-lr0.01-seed0",
+            "qkv_depth-isorank-r2-lr0.01-seed2"} < set(names)
+    assert "18 runs" in capsys.readouterr().out
+    assert "| isorank | qkv_depth | lora:2 | in=2,out=2,qkv=2,depth=2 |" in (sweep_dir / "results.md").read_text()
+
+
+def test_sweep_with_other_shared_options_into_the_same_folder_is_refused(tiny, sweep_dir, capsys):  # noqa: F811
+    before = (sweep_dir / "results.csv").read_bytes()
+    assert _sweep(tiny, sweep_dir, "--seeds", "0", "--lora-rank", "2", "--max-length", "16") == 2
+    assert "holds a sweep with other shared options (max_length: 32 there, 16 now)" in _error_line(capsys)
+    assert (sweep_dir / "results.csv").read_bytes() == before
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--conditions", "isobudget"], "Unknown condition(s) ['isobudget']"),
     (["--constructions", "qkv_depht"], "Unknown construction(s) ['qkv_depht']"),
     (["--seeds", "zero"], "--seeds takes comma-separated integers"),
+    (["--lrs", "fast"], "--lrs takes comma-separated numbers"),
+    (["--lrs", "1e-2,0"], "positive learning rates"),
+    (["--lrs", "1e-2", "--lr", "1e-2"], "give one of them"),
+    (["--lora-ranks", "0,8"], "at least one positive LoRA rank"),
+    (["--budgets", "-5"], "Budgets are positive parameter counts"),
+    (["--select-on-seed", "5"], "The selection seed 5 is not among the seeds [0, 1, 2]"),
     (["--jobs", "0"], "--jobs must be at least 1"),
 ])
 def test_bad_sweep_options_are_one_line_and_exit_code_2(flags, message, tiny, tmp_path, capsys):  # noqa: F811
@@ -90,18 +135,13 @@ def test_bad_sweep_options_are_one_line_and_exit_code_2(flags, message, tiny, tm
 
 
 def test_a_failing_run_stops_the_sweep_with_its_error(tiny, tmp_path, capsys):  # noqa: F811
-    """LoRA rank 1000's count is out of qkv_depth's reach on a 32-wide model: that run fails in its worker."""
-    assert _sweep(tiny, tmp_path / "sweep", "--lora-rank", "1000", "--conditions", "isoparameter", "--seeds", "0,1",
-                  "--jobs", "2") == 2
-    assert "budget" in _error_line(capsys)
-
-
-
-def test_sweep_with_other_options_into_the_same_folder_is_refused(tiny, sweep_dir, capsys):  # noqa: F811
-    before = (sweep_dir / "results.csv").read_bytes()
-    assert _sweep(tiny, sweep_dir, "--seeds", "0", "--lr", "0.5") == 2
-    assert "holds a different run" in _error_line(capsys)
-    assert (sweep_dir / "results.csv").read_bytes() == before
+    """The data folder holds no MRPC files: every run fails in its worker, and the sweep ends with that error."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["sweep", str(tmp_path / "sweep"), "--task", "glue-mrpc", "--data-dir", str(empty), "--model",
+                 str(tiny / "bert"), "--constructions", "qkv_depth", "--seeds", "0,1", "--jobs", "2",
+                 *SWEEP_FLAGS]) == 2
+    assert str(empty) in _error_line(capsys)
 
 
 def test_a_report_is_replaced_whole_or_not_at_all(tmp_path):
@@ -111,3 +151,83 @@ def test_a_report_is_replaced_whole_or_not_at_all(tmp_path):
         staging.write_bytes(b"half a plot")
         raise RuntimeError("the writer failed")
     assert report.read_bytes() == b"earlier plot" and sorted(tmp_path.iterdir()) == [report]
+
+
+# The selection and the statistics, with a stand-in for the training whose scores the test chooses.
+
+def _stand_in(scores):
+    """A ``run_training`` returning ``scores(options) -> (validation, test)`` accuracies; records the runs."""
+    calls = []
+
+    def run_training(options: TrainOptions) -> dict:
+        calls.append(options)
+        validation, test = scores(options)
+        parameters = 100 * options.ranks if options.budget is None else 50 * len(options.budget)
+        return {"validation": {"accuracy": validation, "loss": 1.0}, "test": {"accuracy": test},
+                "adapter": {"factorization": "tucker", "ranks": options.ranks}, "adapter_parameters": parameters,
+                "trainable_parameters": parameters + 10, "wall_time_s": 0.1}
+
+    return run_training, calls
+
+
+def _fake_sweep(tiny, tmp_path, monkeypatch, scores, *extra):  # noqa: F811
+    run_training, calls = _stand_in(scores)
+    monkeypatch.setattr(tenslora.sweep, "run_training", run_training)
+    out = tmp_path / "sweep"
+    assert _sweep(tiny, out, "--lora-rank", "2", "--conditions", "isoparameter", *extra) == 0
+    return out, calls
+
+
+def test_the_learning_rate_is_chosen_on_validation_and_reported_on_test(tiny, tmp_path, monkeypatch):  # noqa: F811
+    """Validation prefers 0.01 for qkv_depth and 0.1 for LoRA; test prefers the other: each row reports
+    the test score at its own validation choice."""
+    def scores(options):
+        lora = options.construction == "lora"
+        better = (options.lr == 0.1) == lora
+        return (0.8 if better else 0.6), (0.5 if better else 0.9) + 0.01 * options.seed
+
+    out, calls = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--lrs", "0.01,0.1", "--seeds", "0,1,2")
+    assert len(calls) == 2 * 2 * 3
+    chosen = {(row["construction"], float(row["lr"])) for row in _rows(out) if row["selected"] == "True"}
+    assert chosen == {("lora", 0.1), ("qkv_depth", 0.01)}
+    assert "| 0.1 of 0.01, 0.1 | 3 | 0.5100 ± 0.0100 [0.4852, 0.5348] |" in _table_line(out, "| lora | lora |")
+    assert "| 0.01 of 0.01, 0.1 | 3 | 0.5100 ± 0.0100 [" in _table_line(out, "| isoparameter | qkv_depth |")
+
+
+def test_the_economy_runs_the_other_seeds_at_the_rate_seed_0_selects(tiny, tmp_path, monkeypatch):  # noqa: F811
+    def scores(options):  # seed 0 prefers 0.1, every other seed 0.01: the choice is seed 0's
+        return (0.8 if (options.lr == 0.1) == (options.seed == 0) else 0.6), 0.7
+
+    out, calls = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--lrs", "0.01,0.1", "--seeds", "0,1,2",
+                             "--select-on-seed", "0")
+    assert sorted((options.construction, options.seed, options.lr) for options in calls) == sorted(
+        [(construction, 0, lr) for construction in ("lora", "qkv_depth") for lr in (0.01, 0.1)]
+        + [(construction, seed, 0.1) for construction in ("lora", "qkv_depth") for seed in (1, 2)])
+    assert {float(row["lr"]) for row in _rows(out) if row["selected"] == "True"} == {0.1}
+
+
+@pytest.mark.parametrize("gap, verdict", [(0.02, "Intervals that exclude zero: qkv_depth at lora:2 (accuracy +0.02"),
+                                          (0.0, "No interval excludes zero")])
+def test_differences_with_lora_are_paired_by_seed(gap, verdict, tiny, tmp_path, monkeypatch):  # noqa: F811
+    """The seeds move both methods by up to 10 points, the construction is ``gap`` above LoRA give or take
+    0.1 point: paired by seed, a gap of 2 points is clear; none is not."""
+    def scores(options):
+        shift = 0.1 * options.seed + (0.001 * (-1) ** options.seed + gap if options.construction != "lora" else 0)
+        return 0.7, 0.6 + shift
+
+    out, _ = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--seeds", "0,1,2")
+    assert verdict in (out / "results.md").read_text()
+    line = _table_line(out, "| qkv_depth | lora:2 | 3 |")
+    assert line.startswith(f"| qkv_depth | lora:2 | 3 | {gap + 0.001 / 3:+.4f} ± ")
+
+
+def test_budgets_out_of_reach_or_repeating_ranks_are_skipped_with_a_note(tiny, tmp_path, monkeypatch,  # noqa: F811
+                                                                          capsys):
+    out, calls = _fake_sweep(tiny, tmp_path, monkeypatch, lambda options: (0.7, 0.7), "--seeds", "0",
+                             "--budgets", "100,60,10")
+    assert sorted(options.budget or "-" for options in calls) == ["-", "100", "lora:2"]
+    notes = ["qkv_depth at budget 60: skipped, the same ranks (in=1,out=1,qkv=1,depth=1) as at budget 100.",
+             "qkv_depth at budget 10: skipped. No ranks of the 'qkv_depth' construction with tucker come near a "
+             "budget of 10 parameters (closest: 70)."]
+    printed, report = capsys.readouterr().out, (out / "results.md").read_text()
+    assert all(note in printed and f"- {note}" in report for note in notes)

@@ -161,14 +161,21 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or JSON file of options shared by every run (the keys of "
                         "`tenslora train --config`; flags override it)")
     sweep = parser.add_argument_group("sweep")
-    sweep.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r: the baseline, the isorank rank and "
-                       "the isoparameter budget (default: 8)")
+    sweep.add_argument("--lora-ranks", "--lora-rank", dest="lora_ranks", default="8", help="comma-separated LoRA "
+                       "ranks r: the baselines, the isorank ranks and the isoparameter budgets (default: 8)")
+    sweep.add_argument("--budgets", default="", help="comma-separated parameter counts at which the constructions "
+                       "also run (isoparameter), e.g. below LoRA rank 1's; one no ranks come near is skipped with a "
+                       "note (default: none)")
     sweep.add_argument("--constructions", default=",".join(TENSOR_CONSTRUCTIONS),
                        help="comma-separated (default: the seven tensor constructions)")
     sweep.add_argument("--conditions", default=",".join(CONDITIONS),
                        help="isorank (every mode at rank r), isoparameter (LoRA rank r's parameter count), or both "
                             "(default: isorank,isoparameter)")
     sweep.add_argument("--seeds", default="0,1,2", help="comma-separated (default: 0,1,2)")
+    sweep.add_argument("--lrs", help="comma-separated learning rates, each row reported at the one with the best "
+                       "validation score (default: --lr alone)")
+    sweep.add_argument("--select-on-seed", type=int, help="economy: only this seed runs at every --lrs rate; the "
+                       "other seeds run at the rate its validation score selects (default: every seed at every rate)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with --threads "
                        "threads (default: 1; on a CPU machine: cores / threads)")
     _add_data_arguments(parser)
@@ -218,14 +225,22 @@ def _comma_list(text: str) -> list[str]:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
-    try:
-        seeds = [int(seed) for seed in _comma_list(args.seeds)]
-    except ValueError:
-        raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2; got '{args.seeds}'.") from None
+    def numbers(flag: str, text: str, kind: type, example: str) -> list:
+        try:
+            return [kind(item) for item in _comma_list(text)]
+        except ValueError:
+            raise ValueError(f"{flag} takes comma-separated {'integers' if kind is int else 'numbers'}, e.g. "
+                             f"{example}; got '{text}'.") from None
+
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
-    rows = run_sweep(train_options(args), args.sweep_dir, args.lora_rank, _comma_list(args.constructions),
-                     _comma_list(args.conditions), seeds, args.jobs)
+    if args.lrs is not None and args.lr is not None:
+        raise ValueError("--lr is one learning rate, --lrs several to choose from: give one of them.")
+    rows = run_sweep(train_options(args), args.sweep_dir, numbers("--lora-ranks", args.lora_ranks, int, "1,2,4,8"),
+                     _comma_list(args.constructions), _comma_list(args.conditions),
+                     numbers("--seeds", args.seeds, int, "0,1,2"), args.jobs,
+                     numbers("--lrs", args.lrs or "", float, "3e-3,5e-3,1e-2"),
+                     numbers("--budgets", args.budgets, int, "1500,3000,6000"), args.select_on_seed)
     print(f"{len(rows)} runs; results in {args.sweep_dir}/results.md, results.csv and results.png")
     return 0
 

@@ -1,23 +1,22 @@
-"""``tenslora sweep``: the paper's protocol on any task.
+"""``tenslora sweep``: LoRA against the tensor constructions, fairly, at several budgets.
 
-LoRA of rank r against the seven tensor constructions, under the *isorank* condition (every mode
-at rank r, capped at the mode's size) and the *isoparameter* condition (ranks matched to LoRA
-rank r's parameter count), for several seeds. Every run is an ordinary ``tenslora train`` run in
-``<sweep>/runs/<name>``: a finished run is read back, an interrupted one resumes from its last
-checkpoint. The results are rewritten after each run: ``results.csv`` (one row a run),
-``results.md`` (mean ± std by construction and condition) and ``results.png`` (the metric against
-trainable parameters, one point a run). They accumulate: a later sweep in the same folder (more
-seeds, another condition) adds its runs to those already there.
+LoRA of each rank r, and each tensor construction under the *isorank* condition (every mode at
+rank r, capped at the mode's size) and the *isoparameter* condition (ranks matched to LoRA rank
+r's parameter count, or to an absolute count from ``budgets``), for each learning rate and seed.
+Each row (method and budget) gets the learning rate with the best validation score, and its test
+scores are reported at that rate (``sweep_report``). Every run is an ordinary ``tenslora train``
+run in ``<sweep>/runs/<name>``: a finished run is read back, an interrupted one resumes from its
+last checkpoint. The reports are rewritten after each run and cover every run in the folder, so a
+later sweep there (more seeds, rates or budgets) adds to them; ``sweep.json`` records the options
+the runs share, and a sweep with other shared options is refused.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import multiprocessing
 import os
-import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +24,68 @@ from typing import Any
 
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from .data.metrics import METRICS
-from .options import TrainOptions
+from .inputs import task_spec
+from .modeling import default_model, load_model_config
+from .options import TrainOptions, adapter_config, default_value
 from .params import format_ranks
-from .runs import atomic_destination, write_atomic, write_csv
+from .runs import read_json, write_json
+from .sweep_report import RowKey, read_csv, select_learning_rates, write_reports
 from .train import run_training
 
 CONDITIONS = ("isorank", "isoparameter")
-_INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters")
+SWEEP_FILE = "sweep.json"
+RESULTS_FILE = "results.csv"
+#: The options a sweep sets run by run; the others are shared by all its runs (recorded in sweep.json).
+PER_RUN_OPTIONS = ("construction", "ranks", "budget", "head_only", "seed", "lr")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One method at one budget: a row of the results, whose runs differ in learning rate and seed."""
+
+    construction: str
+    condition: str  # "lora" for the baseline, else isorank / isoparameter
+    lora_rank: int | None = None  # the LoRA rank r the point is matched to
+    parameters: int | None = None  # or an absolute parameter budget (isoparameter only)
+
+    @property
+    def budget(self) -> str:
+        """``lora:8`` (LoRA rank 8: its rank for isorank, its count otherwise) or a parameter count."""
+        return f"lora:{self.lora_rank}" if self.lora_rank is not None else str(self.parameters)
+
+    @property
+    def key(self) -> RowKey:
+        return self.construction, self.condition, self.budget
+
+    @property
+    def stem(self) -> str:
+        """``lora-r8``, ``qkv-isorank-r8``, ``qkv-isoparameter-r8``, ``qkv-isoparameter-p1500``."""
+        size = f"r{self.lora_rank}" if self.lora_rank is not None else f"p{self.parameters}"
+        return f"lora-{size}" if self.condition == "lora" else f"{self.construction}-{self.condition}-{size}"
+
+    @property
+    def adapter(self) -> dict[str, Any]:
+        """The adapter options of its runs."""
+        if self.condition == "lora":
+            return {"construction": "lora", "factorization": None, "ranks": self.lora_rank, "budget": None}
+        if self.condition == "isorank":
+            return {"construction": self.construction, "ranks": self.lora_rank, "budget": None}
+        return {"construction": self.construction, "ranks": default_value("ranks"), "budget": self.budget}
 
 
 @dataclass(frozen=True)
 class PlannedRun:
     name: str
-    construction: str
-    condition: str  # "lora" for the baseline, else isorank / isoparameter
+    point: Point
+    lr: float
     seed: int
     options: TrainOptions
 
 
-def plan(base: TrainOptions, sweep_dir: Path, lora_rank: int, constructions: Sequence[str],
-         conditions: Sequence[str], seeds: Sequence[int]) -> list[PlannedRun]:
-    """LoRA r, then each construction under each condition, for every seed (seed-major, so that an
-    interrupted sweep has every configuration at its first seeds)."""
+def points(lora_ranks: Sequence[int], constructions: Sequence[str], conditions: Sequence[str],
+           budgets: Sequence[int] = ()) -> list[Point]:
+    """For each LoRA rank r: LoRA r, then each construction under each condition; then each construction
+    at each absolute budget."""
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise ValueError(f"Unknown condition(s) {unknown}; choose among {list(CONDITIONS)}.")
@@ -54,24 +93,54 @@ def plan(base: TrainOptions, sweep_dir: Path, lora_rank: int, constructions: Seq
     if unknown:
         raise ValueError(f"Unknown construction(s) {unknown}; choose among {list(TENSOR_CONSTRUCTIONS)} "
                          f"or the presets {sorted(PRESETS)}.")
-    if lora_rank < 1 or not seeds:
-        raise ValueError(f"A sweep needs a positive LoRA rank and at least one seed (got rank {lora_rank}, "
-                         f"seeds {list(seeds)}).")
-    variants = [("lora", "lora", {"construction": "lora", "factorization": None, "ranks": lora_rank,
-                                  "budget": None})]
-    for construction in constructions:
-        for condition in conditions:
-            budget = None if condition == "isorank" else f"lora:{lora_rank}"
-            variants.append((construction, condition, {"construction": construction, "ranks": lora_rank,
-                                                       "budget": budget}))
+    if not lora_ranks or min(lora_ranks) < 1:
+        raise ValueError(f"A sweep needs at least one positive LoRA rank (got {list(lora_ranks)}).")
+    if budgets and min(budgets) < 1:
+        raise ValueError(f"Budgets are positive parameter counts (got {list(budgets)}).")
+    found = []
+    for rank in lora_ranks:
+        found.append(Point("lora", "lora", lora_rank=rank))
+        found += [Point(c, condition, lora_rank=rank) for c in constructions for condition in conditions]
+    found += [Point(c, "isoparameter", parameters=budget) for budget in budgets for c in constructions]
+    return found
+
+
+def reachable(candidates: Sequence[Point], base: TrainOptions, model_config: Any) -> tuple[list[Point], list[str]]:
+    """The points to run, and a note for each one left out: an isoparameter budget no ranks of the construction
+    come near (``match_budget``'s tolerance), or an absolute budget whose ranks an earlier budget of the
+    construction already has (a LoRA rank's budget is kept: it is compared with LoRA)."""
+    kept, notes, seen = [], [], {}
+    for point in candidates:
+        if point.condition != "isoparameter":
+            kept.append(point)
+            continue
+        options = dataclasses.replace(base, **point.adapter)
+        try:
+            ranks = format_ranks(adapter_config(options, model_config, None).ranks)
+        except ValueError as error:
+            notes.append(f"{point.construction} at budget {point.budget}: skipped. {error}")
+            continue
+        earlier = seen.setdefault((point.construction, ranks), point)
+        if earlier is point or point.lora_rank is not None:
+            kept.append(point)
+        else:
+            notes.append(f"{point.construction} at budget {point.budget}: skipped, the same ranks ({ranks}) as at "
+                         f"budget {earlier.budget}.")
+    return kept, notes
+
+
+def plan(base: TrainOptions, sweep_dir: Path, planned: Sequence[Point], seeds: Sequence[int],
+         lrs: Sequence[float]) -> list[PlannedRun]:
+    """Every point at every learning rate, seed-major (an interrupted sweep has every configuration at its
+    first seeds)."""
     runs = []
     for seed in seeds:
-        for construction, condition, adapter in variants:
-            name = f"{construction}-r{lora_rank}-seed{seed}" if condition == "lora" else \
-                f"{construction}-{condition}-r{lora_rank}-seed{seed}"
-            options = dataclasses.replace(base, **adapter, seed=seed, head_only=False, resume=True,
-                                          output_dir=str(sweep_dir / "runs" / name))
-            runs.append(PlannedRun(name, construction, condition, seed, options))
+        for lr in lrs:
+            for point in planned:
+                name = f"{point.stem}-lr{lr:g}-seed{seed}"
+                options = dataclasses.replace(base, **point.adapter, seed=seed, lr=lr, head_only=False, resume=True,
+                                              output_dir=str(sweep_dir / "runs" / name))
+                runs.append(PlannedRun(name, point, lr, seed, options))
     return runs
 
 
@@ -93,123 +162,90 @@ def execute(runs: Sequence[PlannedRun], jobs: int,
 
 
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
-    scores = {f"test_{name}": value for name, value in metrics["test"].items() if name in METRICS}
+    """One line of ``results.csv`` (its ``selected`` column is added by the reports)."""
     adapter = metrics["adapter"]
-    return {"name": run.name, "construction": run.construction, "condition": run.condition, "seed": run.seed,
-            "factorization": adapter["factorization"], "ranks": format_ranks(adapter["ranks"]),
-            "adapter_parameters": metrics["adapter_parameters"],
-            "trainable_parameters": metrics["trainable_parameters"], **scores,
+    return {"name": run.name, "construction": run.point.construction, "condition": run.point.condition,
+            "budget": run.point.budget, "lr": run.lr, "seed": run.seed, "factorization": adapter["factorization"],
+            "ranks": format_ranks(adapter["ranks"]), "adapter_parameters": metrics["adapter_parameters"],
+            "trainable_parameters": metrics["trainable_parameters"],
+            **{f"validation_{name}": value for name, value in metrics["validation"].items() if name in METRICS},
+            **{f"test_{name}": value for name, value in metrics["test"].items() if name in METRICS},
             "wall_time_s": metrics["wall_time_s"]}
 
 
-def read_csv(path: Path) -> list[dict[str, Any]]:
-    """The rows of an earlier ``results.csv`` (none if there is none), with their numbers as numbers."""
-    if not path.exists():
+def shared_options(base: TrainOptions) -> dict[str, Any]:
+    """The options every run of a sweep has (as recorded in ``run.json``)."""
+    return {key: value for key, value in base.identity().items() if key not in PER_RUN_OPTIONS}
+
+
+def recorded_notes(sweep_dir: Path, shared: dict[str, Any]) -> list[str]:
+    """The notes of the sweep already in ``sweep_dir`` (none in a new folder); raise ``ValueError`` if it
+    was run with other shared options, whose runs and results must not be mixed with these."""
+    if not (sweep_dir / SWEEP_FILE).is_file():
+        if (sweep_dir / RESULTS_FILE).exists():
+            raise ValueError(f"'{sweep_dir}' holds the results of an earlier version of `tenslora sweep` (no "
+                             f"{SWEEP_FILE}); sweep into a new folder.")
         return []
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    for row in rows:
-        for key, value in list(row.items()):
-            if value == "":  # a metric this run's task does not have
-                del row[key]
-            elif key in _INTEGER_COLUMNS:
-                row[key] = int(value)
-            elif key.startswith("test_") or key == "wall_time_s":
-                row[key] = float(value)
-    return rows
+    recorded = read_json(sweep_dir / SWEEP_FILE)
+    differences = [f"{key}: {recorded['options'].get(key)!r} there, {value!r} now" for key, value in shared.items()
+                   if recorded["options"].get(key) != value]
+    if differences:
+        raise ValueError(f"The sweep folder '{sweep_dir}' holds a sweep with other shared options "
+                         f"({'; '.join(differences)}); choose another folder, or repeat those options to continue it.")
+    return recorded["notes"]
 
 
-def _metric_columns(rows: Iterable[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(key for row in rows for key in row if key.startswith("test_")))
+def model_config_of(base: TrainOptions) -> Any:
+    """The config of the model the runs fine-tune (the task's default model unless one is given)."""
+    return load_model_config(base.model or default_model(task_spec(base).modality), base.trust_remote_code)
 
 
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-
-def _distinct(rows: Sequence[dict[str, Any]], column: str) -> str:
-    """The values of ``column`` in ``rows``, each once (the same in every seed, unless the model changed)."""
-    values = dict.fromkeys(row[column] for row in rows)
-    return " / ".join(f"{value:,}" if isinstance(value, int) else str(value) for value in values)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Mean ± standard deviation over seeds, one line per (condition, construction)."""
-    metrics = _metric_columns(rows)
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["condition"], row["construction"]), []).append(row)
-    header = ["condition", "construction", "ranks", "adapter parameters", "trainable parameters", "seeds",
-              *[m.removeprefix("test_") for m in metrics]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (condition, construction), group in sorted(groups.items(), key=lambda item: (item[0][0] != "lora", item[0])):
-        cells = [condition, construction, *(_distinct(group, column) for column in
-                                            ("ranks", "adapter_parameters", "trainable_parameters")), str(len(group)),
-                 *[_mean_std([row[m] for row in group if m in row]) for m in metrics]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def plot(path: Path, rows: Sequence[dict[str, Any]], metrics: Sequence[str]) -> None:
-    """One panel a metric, one point a run: the metric against trainable parameters (log scale);
-    colour = construction, marker = condition."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    markers = {"lora": "*", "isorank": "o", "isoparameter": "s"}
-    constructions = list(dict.fromkeys(row["construction"] for row in rows))
-    colours = {c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(constructions)}
-    figure, panels = plt.subplots(1, len(metrics), figsize=(8 * len(metrics), 5), squeeze=False)
-    for axes, metric in zip(panels[0], metrics, strict=True):
-        for construction, condition in dict.fromkeys((r["construction"], r["condition"]) for r in rows):
-            points = [r for r in rows if r["construction"] == construction and r["condition"] == condition
-                      and metric in r]
-            axes.scatter([r["trainable_parameters"] for r in points], [r[metric] for r in points],
-                         color=colours[construction], marker=markers.get(condition, "o"),
-                         s=90 if condition == "lora" else 40, label=f"{construction} ({condition})", alpha=0.8,
-                         edgecolors="black", linewidths=0.4)
-        axes.set_xscale("log")
-        axes.set_xlabel("trainable parameters, adapter + classification head (log scale)")
-        axes.set_ylabel(metric.removeprefix("test_").replace("_", " ") + " (test)")
-        axes.grid(True, which="both", alpha=0.3)
-    panels[0][0].legend(fontsize=7, ncol=2, loc="best")
-    figure.tight_layout()
-    try:
-        with atomic_destination(path) as staging:
-            figure.savefig(staging, dpi=120)
-    finally:
-        plt.close(figure)
-
-
-def write_reports(sweep_dir: Path, rows: Sequence[dict[str, Any]]) -> None:
-    write_csv(sweep_dir / "results.csv", rows)
-    write_atomic(sweep_dir / "results.md", markdown_table(rows))
-    metrics = _metric_columns(rows)
-    if metrics:
-        plot(sweep_dir / "results.png", rows, metrics)
-
-
-def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_rank: int = 8,
+def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequence[int] = (8,),
               constructions: Sequence[str] = TENSOR_CONSTRUCTIONS, conditions: Sequence[str] = CONDITIONS,
-              seeds: Sequence[int] = (0, 1, 2), jobs: int = 1) -> list[dict[str, Any]]:
-    """Run the sweep (finished runs are read back) and write its reports; return one row a run,
-    those of earlier sweeps in the same folder first."""
+              seeds: Sequence[int] = (0, 1, 2), jobs: int = 1, lrs: Sequence[float] = (),
+              budgets: Sequence[int] = (), select_on_seed: int | None = None) -> list[dict[str, Any]]:
+    """Run the sweep (finished runs are read back) and write its reports; return every run in the folder.
+
+    ``lrs`` (default: ``base.lr`` alone) are tried at every point. With ``select_on_seed`` only that seed
+    runs at every rate; the other seeds run at the rate it selects (validation score of that seed alone).
+    """
     sweep_dir = Path(sweep_dir)
-    runs = plan(base, sweep_dir, lora_rank, constructions, conditions, seeds)
-    planned = {run.name for run in runs}
-    earlier = [row for row in read_csv(sweep_dir / "results.csv") if row["name"] not in planned]
-    rows: dict[str, dict[str, Any]] = {}
+    lrs = list(lrs) or [base.lr]
+    candidates = points(lora_ranks, constructions, conditions, budgets)
+    if not seeds or min(lrs) <= 0:
+        raise ValueError(f"A sweep needs at least one seed and positive learning rates (got seeds {list(seeds)}, "
+                         f"learning rates {lrs}).")
+    if select_on_seed is not None and select_on_seed not in seeds:
+        raise ValueError(f"The selection seed {select_on_seed} is not among the seeds {list(seeds)}; add it to them.")
+    runs = plan(base, sweep_dir, candidates, seeds, lrs)  # every run's options checked before anything is loaded
+    shared = shared_options(base)
+    notes = recorded_notes(sweep_dir, shared)
+    model_config = model_config_of(base) if any(p.condition == "isoparameter" for p in candidates) else None
+    planned, skipped = reachable(candidates, base, model_config)
+    for note in skipped:
+        print(note, flush=True)
+    notes = list(dict.fromkeys([*notes, *skipped]))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_json(sweep_dir / SWEEP_FILE, {"options": shared, "notes": notes})
+
+    kept = set(planned)
+    runs = [run for run in runs if run.point in kept]
+    first = [run for run in runs if select_on_seed is None or run.seed == select_on_seed]
+    table = {row["name"]: row for row in read_csv(sweep_dir / RESULTS_FILE)}
+    total = len(first) + len(planned) * (len(seeds) - len({run.seed for run in first}))
+    done = 0
 
     def record(run: PlannedRun, metrics: dict[str, Any]) -> None:
-        rows[run.name] = result_row(run, metrics)
-        write_reports(sweep_dir, earlier + [rows[r.name] for r in runs if r.name in rows])
-        print(f"[{len(rows)}/{len(runs)}] {run.name}: "
-              + ", ".join(f"{k}={v:.4f}" for k, v in rows[run.name].items() if k.startswith("test_")), flush=True)
+        nonlocal done
+        done += 1
+        table[run.name] = result_row(run, metrics)
+        write_reports(sweep_dir, list(table.values()), notes)
+        scores = ", ".join(f"{key}={value:.4f}" for key, value in table[run.name].items()
+                           if key.startswith(("validation_", "test_")))
+        print(f"[{done}/{total}] {run.name}: {scores}", flush=True)
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    execute(runs, jobs, record)
-    return earlier + [rows[r.name] for r in runs]
+    execute(first, jobs, record)
+    if select_on_seed is not None:
+        chosen = select_learning_rates(list(table.values()))
+        execute([run for run in runs if run.seed != select_on_seed and run.lr == chosen[run.point.key]], jobs, record)
+    return list(table.values())
