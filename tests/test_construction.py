@@ -44,7 +44,7 @@ def test_int_rank_is_capped_silently_but_explicit_rank_warns():
     ("kwargs", "message"),
     [
         ({"construction": "heads"}, "Unknown construction 'heads'"),
-        ({"factorization": "tt"}, "Unknown factorization 'tt'"),
+        ({"factorization": "svd"}, "Unknown factorization 'svd'"),
         ({"factorization": "lora"}, "use construction='lora'"),
         ({"ranks": [8, 8, 3]}, "has 4 modes .* but 3 ranks"),
         ({"ranks": 0}, "must be a positive integer"),

@@ -8,18 +8,23 @@ from collections.abc import Mapping
 from .construction import (
     Geometry,
     RankSpec,
+    bond_names,
     check_factorization,
     fit_ranks,
     get_construction,
+    max_bond_ranks,
     resolve_family_ranks,
     tensor_specs,
 )
 
 
 def count_tensor_parameters(factorization: str, sizes: Mapping[str, int], ranks: Mapping[str, int] | int) -> int:
-    """Tucker: sum n_k r_k + prod r_k. CP: R * sum n_k."""
+    """Tucker: sum n_k r_k + prod r_k. CP: R * sum n_k. TT: sum r_{k-1} n_k r_k (r_0 = r_n = 1)."""
     if factorization == "tucker":
         return sum(sizes[m] * ranks[m] for m in sizes) + math.prod(ranks[m] for m in sizes)
+    if factorization == "tt":
+        edges = [1, *(ranks[bond] for bond in bond_names(list(sizes))), 1]
+        return sum(edges[k] * n * edges[k + 1] for k, n in enumerate(sizes.values()))
     return ranks * sum(sizes.values())
 
 
@@ -46,7 +51,9 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     mode-specific compression of the paper is reached through ``fixed``, e.g. ``{"qkv": 3}``),
     the same r for the attention and the MLP tensors; with both families the ranks come keyed by
     family (``{"attention": {...}, "mlp": {...}}``), as each family's modes have their own sizes.
-    CP: the single rank R. Raises ``ValueError`` when no rank gets within a factor 2 of the budget.
+    TT: the same with bonds for modes (one common bond rank r, capped at each bond's largest useful
+    rank; ``fixed`` keyed by bond, e.g. ``{"qkv-depth": 2}``). CP: the single rank R. Raises
+    ``ValueError`` when no rank gets within a factor 2 of the budget.
     """
     spec = get_construction(construction)
     check_factorization(factorization)
@@ -55,18 +62,23 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     fixed = dict(fixed or {})
     if factorization == "cp":
         if fixed:
-            raise ValueError("CP has a single rank; `fixed` mode ranks only apply to Tucker.")
+            raise ValueError("CP has a single rank; `fixed` ranks only apply to Tucker (modes) and TT (bonds).")
         per_rank = count_adapter_parameters(construction, "cp", 1, geometry)
         candidates = {max(1, budget // per_rank), max(1, budget // per_rank + 1)}
         best = min(candidates, key=lambda r: (abs(r * per_rank - budget), r))
         return _checked(best, best * per_rank, budget, construction, factorization)
 
-    family_sizes = {family: geometry.mode_sizes(spec, family) for family in geometry.families}
-    modes = {mode for sizes in family_sizes.values() for mode in sizes}
-    unknown = [m for m in fixed if m not in modes]
+    # The caps of what gets a rank: the modes' sizes (Tucker), the bonds' largest useful ranks (TT).
+    family_caps = {family: geometry.mode_sizes(spec, family) for family in geometry.families}
+    if factorization == "tt":
+        family_caps = {family: max_bond_ranks(sizes) for family, sizes in family_caps.items()}
+    kind = "bond" if factorization == "tt" else "mode"
+    names = {name for caps in family_caps.values() for name in caps}
+    unknown = [m for m in fixed if m not in names]
     if unknown:
         raise ValueError(
-            f"`fixed` names mode(s) {unknown} that the '{construction}' construction lacks: {sorted(modes)}."
+            f"`fixed` names {kind}(s) {unknown} that the '{construction}' construction lacks under {factorization}: "
+            f"{sorted(names)}."
         )
     invalid = {m: v for m, v in fixed.items()
                if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)}
@@ -75,15 +87,15 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
 
     def ranks_at(r: int) -> RankSpec:
         per_family = {family: {m: min(r, n) if m not in fixed else ("full" if fixed[m] == "full" else min(fixed[m], n))
-                               for m, n in sizes.items()}
-                      for family, sizes in family_sizes.items()}
+                               for m, n in caps.items()}
+                      for family, caps in family_caps.items()}
         return per_family if len(per_family) > 1 else next(iter(per_family.values()))
 
-    free_sizes = [n for sizes in family_sizes.values() for m, n in sizes.items() if m not in fixed]
+    free_caps = [n for caps in family_caps.values() for m, n in caps.items() if m not in fixed]
     best, best_count = None, None
-    for r in range(1, max(free_sizes, default=1) + 1):
+    for r in range(1, max(free_caps, default=1) + 1):
         ranks = ranks_at(r)
-        count = count_adapter_parameters(construction, "tucker", ranks, geometry)
+        count = count_adapter_parameters(construction, factorization, ranks, geometry)
         if best is None or abs(count - budget) < abs(best_count - budget):
             best, best_count = ranks, count
         if count > budget:

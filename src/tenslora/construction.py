@@ -8,7 +8,10 @@ tensor. Every update is written in one orientation, (wide side) x (residual side
             *att* constructions the attention side is split into ``head_dim`` x ``heads`` with
             Hugging Face's head-major layout (feature ``o = head * head_dim + j``),
 - ``qkv`` : which projection role of the family (q, k, v, o; or gate, up, down),
-- ``depth``: which layer.
+- ``depth``: which layer,
+- ``qkv_depth``: role and layer as one mode of size roles * L (the *fused* constructions, as FacT-TK and
+  CaRA merge them), role-major: the update of role p in layer l is at ``p * L + l``, so the fused tensor is
+  the ``qkv_depth`` tensor with its last two modes reshaped into one.
 
 Roles come in two *families*: attention (q, k, v, o) and MLP (gate, up, down). Each family gets
 its own tensors under the chosen construction, because their wide sides differ (d_att vs d_ffn).
@@ -29,6 +32,7 @@ This module is pure Python: it knows mode names and sizes, never a model.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -42,11 +46,16 @@ ROLE_NAMES = tuple(role for roles in FAMILIES.values() for role in roles)
 ALL_LINEAR = "all-linear"
 #: Roles mapping the wide side back to the residual stream: their update is their slice transposed.
 TRANSPOSED_ROLES = ("o", "down")
-FACTORIZATIONS = ("tucker", "cp")
+FACTORIZATIONS = ("tucker", "cp", "tt")
+#: The mode that fuses the role and depth modes (index ``role * L + layer``).
+FUSED_MODE = "qkv_depth"
 
 #: What ``ranks`` may be: one int for every mode of every tensor, a list in the construction's mode
 #: order, a dict keyed by mode name whose values are ints or ``"full"`` (the mode's size), or a dict
-#: keyed by family (``{"attention": ..., "mlp": ...}``) whose values are any of the former.
+#: keyed by family (``{"attention": ..., "mlp": ...}``) whose values are any of the former. Tensor-train
+#: ranks are the n - 1 bond ranks between adjacent modes instead: an int (every bond), a list in bond
+#: order or a dict keyed by bond, named by its two modes (``{"in-out": 8, "out-qkv": 4, "qkv-depth": 2}``;
+#: ``"full"`` = the bond's largest useful rank).
 RankSpec = Union[int, Sequence[int], Mapping[str, Union[int, str]], Mapping[str, object]]
 
 
@@ -65,16 +74,19 @@ class Construction:
     split_heads: bool
     stack_roles: bool
     stack_layers: bool
+    #: Roles and layers stacked as one ``qkv_depth`` mode rather than two (needs both stacked).
+    fused: bool = False
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """Mode names in the documented order: in, out | head_dim, heads, qkv, depth."""
+        """Mode names in the documented order: in, out | head_dim, heads, qkv, depth | qkv_depth."""
         modes = ["in"]
         modes += ["head_dim", "heads"] if self.split_heads else ["out"]
-        if self.stack_roles:
-            modes.append("qkv")
-        if self.stack_layers:
-            modes.append("depth")
+        if self.fused:
+            modes.append(FUSED_MODE)
+        else:
+            modes += ["qkv"] if self.stack_roles else []
+            modes += ["depth"] if self.stack_layers else []
         return tuple(modes)
 
     @property
@@ -84,14 +96,15 @@ class Construction:
     @property
     def index_modes(self) -> tuple[str, ...]:
         """Modes that select *which* update a slice is (as opposed to its rows and columns)."""
-        return tuple(m for m in self.modes if m in ("qkv", "depth"))
+        return tuple(m for m in self.modes if m in ("qkv", "depth", FUSED_MODE))
 
     def for_family(self, family: str) -> Construction:
         """The construction a family's tensors use: the head split exists only for attention."""
         if family == "attention" or not self.split_heads:
             return self
-        return next(c for c in CONSTRUCTIONS.values()
-                    if not c.split_heads and (c.stack_roles, c.stack_layers) == (self.stack_roles, self.stack_layers))
+        return next(c for c in (*CONSTRUCTIONS.values(), *FUSED_CONSTRUCTIONS.values())
+                    if not c.split_heads and (c.stack_roles, c.stack_layers, c.fused)
+                    == (self.stack_roles, self.stack_layers, self.fused))
 
 
 CONSTRUCTIONS: dict[str, Construction] = {
@@ -110,6 +123,17 @@ CONSTRUCTIONS: dict[str, Construction] = {
 
 #: The paper's seven tensor constructions (``matrix`` is the LoRA baseline's one-matrix "tensor").
 TENSOR_CONSTRUCTIONS = tuple(name for name in CONSTRUCTIONS if name != "matrix")
+
+#: Beyond the paper: ``qkv_depth`` and ``att_qkv_depth`` with the role and depth modes fused into one
+#: ``qkv_depth`` mode of size roles * L (FacT-TK, CaRA). A Tucker factor on it mixes any role of any layer
+#: with any other, where the two modes' factors could only mix roles and layers separately.
+FUSED_CONSTRUCTIONS: dict[str, Construction] = {
+    c.name: c
+    for c in (
+        Construction("fused_qkv_depth", split_heads=False, stack_roles=True, stack_layers=True, fused=True),
+        Construction("att_fused_qkv_depth", split_heads=True, stack_roles=True, stack_layers=True, fused=True),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,10 @@ PRESETS: dict[str, Preset] = {
         "FacT-TT (Jie & Deng 2023): shared in/out factors, one free r x r core per projection and layer",
     ),
     "lorta": Preset("att_qkv_depth", "cp", None, "LoRTA (Hounie et al. 2024): CP over in, head, heads, qkv, depth"),
+    "fact_tk": Preset(
+        "fused_qkv_depth", "tucker", {"in": "r", "out": "r", FUSED_MODE: "r"},
+        "FacT-TK (Jie & Deng 2023): Tucker over in, out and one fused role x layer mode, ranks (r, r, r)",
+    ),
 }
 
 
@@ -221,7 +249,7 @@ class Geometry:
         roles = (role,) if role is not None else self.family_roles(family) or FAMILIES[family][:1]
         width = max(self.role_width(r) for r in roles)
         sizes = {"in": self.hidden_size, "out": width, "qkv": len(self.family_roles(family)),
-                 "depth": self.num_layers}
+                 "depth": self.num_layers, FUSED_MODE: len(self.family_roles(family)) * self.num_layers}
         if construction.split_heads:
             sizes["head_dim"] = self.head_dim
             sizes["heads"] = width // self.head_dim
@@ -252,10 +280,12 @@ def tensor_specs(construction: Construction, geometry: Geometry,
 
 
 def get_construction(name: str) -> Construction:
+    if name in FUSED_CONSTRUCTIONS:
+        return FUSED_CONSTRUCTIONS[name]
     if name not in CONSTRUCTIONS:
         raise ValueError(
-            f"Unknown construction '{name}'. Choose one of {sorted(CONSTRUCTIONS)} or a preset among "
-            f"{sorted(PRESETS)}."
+            f"Unknown construction '{name}'. Choose one of {sorted(CONSTRUCTIONS)}, a fused one among "
+            f"{sorted(FUSED_CONSTRUCTIONS)} or a preset among {sorted(PRESETS)}."
         )
     return CONSTRUCTIONS[name]
 
@@ -290,13 +320,57 @@ def slice_index(construction: Construction, geometry: Geometry, role: str, layer
         index["qkv"] = geometry.family_roles(family_of(role)).index(role)
     if construction.stack_layers:
         index["depth"] = layer_position
+    if construction.fused:
+        return {FUSED_MODE: index["qkv"] * geometry.num_layers + index["depth"]}
     return index
 
 
-def _positive_rank(mode: str, value: object) -> int:
+def _positive_rank(name: str, value: object, kind: str = "mode") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"The rank of mode '{mode}' must be a positive integer (or 'full'), got {value!r}.")
+        raise ValueError(f"The rank of {kind} '{name}' must be a positive integer (or 'full'), got {value!r}.")
     return value
+
+
+def _resolve_named_ranks(construction: Construction, ranks: RankSpec, caps: Mapping[str, float], kind: str,
+                         clamp_warning: str) -> dict[str, int]:
+    """One rank per name of ``caps`` (Tucker: the modes, tensor-train: the bonds), each at most its cap.
+
+    An int applies to every name and is capped silently; an explicit rank above its cap is clamped
+    with ``clamp_warning`` (formatted with ``rank``, ``name`` and ``cap``), ``"full"`` is the cap.
+    """
+    names = list(caps)
+    if isinstance(ranks, int) and not isinstance(ranks, bool):
+        r = _positive_rank("all", ranks)
+        return {name: min(r, caps[name]) for name in names}
+    if isinstance(ranks, Mapping):
+        unknown = [k for k in ranks if k not in names]
+        missing = [n for n in names if n not in ranks]
+        if unknown or missing:
+            raise ValueError(
+                f"The '{construction.name}' construction has {kind}s {names}; the rank dict "
+                + (f"has unknown {kind}(s) {unknown}" if unknown else f"misses {kind}(s) {missing}")
+                + f". Give one rank per {kind}, e.g. " + ", ".join(f"{n}=8" for n in names) + "."
+            )
+        explicit = dict(ranks)
+    elif isinstance(ranks, Sequence) and not isinstance(ranks, str):
+        if len(ranks) != len(names):
+            raise ValueError(
+                f"The '{construction.name}' construction has {len(names)} {kind}s {names} but {len(ranks)} "
+                f"ranks were given ({list(ranks)}). Give one rank per {kind} in that order, or a dict keyed by "
+                f"{kind}."
+            )
+        explicit = dict(zip(names, ranks, strict=True))
+    else:
+        raise ValueError(f"`ranks` must be an int, a list or a dict keyed by {kind} name, got {ranks!r}.")
+    resolved = {}
+    for name in names:
+        value, cap = explicit[name], caps[name]
+        rank = cap if value == "full" else _positive_rank(name, value, kind)
+        if rank > cap:
+            warnings.warn(clamp_warning.format(rank=rank, name=name, cap=cap), stacklevel=4)
+            rank = cap
+        resolved[name] = rank
+    return resolved
 
 
 def resolve_tucker_ranks(construction: Construction, ranks: RankSpec, sizes: Mapping[str, int]) -> dict[str, int]:
@@ -307,41 +381,37 @@ def resolve_tucker_ranks(construction: Construction, ranks: RankSpec, sizes: Map
     clamped with a warning: a Tucker factor with more columns than rows cannot be orthonormal and
     adds parameters but no expressive power (the core absorbs any extra columns).
     """
-    modes = construction.modes
-    if isinstance(ranks, int) and not isinstance(ranks, bool):
-        r = _positive_rank("all", ranks)
-        return {m: min(r, sizes[m]) for m in modes}
-    if isinstance(ranks, Mapping):
-        unknown = [k for k in ranks if k not in modes]
-        missing = [m for m in modes if m not in ranks]
-        if unknown or missing:
-            raise ValueError(
-                f"The '{construction.name}' construction has modes {list(modes)}; the rank dict "
-                + (f"has unknown mode(s) {unknown}" if unknown else f"misses mode(s) {missing}")
-                + ". Give one rank per mode, e.g. " + ", ".join(f"{m}=8" for m in modes) + "."
-            )
-        explicit = dict(ranks)
-    elif isinstance(ranks, Sequence) and not isinstance(ranks, str):
-        if len(ranks) != len(modes):
-            raise ValueError(
-                f"The '{construction.name}' construction has {len(modes)} modes {list(modes)} but {len(ranks)} "
-                f"ranks were given ({list(ranks)}). Give one rank per mode in that order, or a dict keyed by mode."
-            )
-        explicit = dict(zip(modes, ranks, strict=True))
-    else:
-        raise ValueError(f"`ranks` must be an int, a list or a dict keyed by mode name, got {ranks!r}.")
-    resolved = {}
-    for mode in modes:
-        value = explicit[mode]
-        rank = sizes[mode] if value == "full" else _positive_rank(mode, value)
-        if rank > sizes[mode]:
-            warnings.warn(
-                f"Tucker rank {rank} of mode '{mode}' exceeds its size {sizes[mode]}; clamped to {sizes[mode]}.",
-                stacklevel=3,
-            )
-            rank = sizes[mode]
-        resolved[mode] = rank
-    return resolved
+    return _resolve_named_ranks(construction, ranks, {m: sizes[m] for m in construction.modes}, "mode",
+                                "Tucker rank {rank} of mode '{name}' exceeds its size {cap}; clamped to {cap}.")
+
+
+def bond_names(modes: Sequence[str]) -> list[str]:
+    """The n - 1 bonds of a tensor-train over ``modes``, each named by its two modes: ``in-out``, ``out-qkv``."""
+    return [f"{left}-{right}" for left, right in itertools.pairwise(modes)]
+
+
+def max_bond_ranks(sizes: Mapping[str, float]) -> dict[str, float]:
+    """The largest useful rank of each bond: the smaller product of the mode sizes on either side of it.
+
+    Any tensor is a tensor-train with these ranks (TT-SVD), so a larger bond rank adds parameters and
+    no expressive power.
+    """
+    modes = list(sizes)
+    return {bond: min(math.prod(sizes[m] for m in modes[: k + 1]), math.prod(sizes[m] for m in modes[k + 1:]))
+            for k, bond in enumerate(bond_names(modes))}
+
+
+def resolve_tt_ranks(construction: Construction, ranks: RankSpec, sizes: Mapping[str, float]) -> dict[str, int]:
+    """Turn a user rank spec into one rank per bond of the tensor-train (in the construction's mode order).
+
+    An int is every bond's rank, capped silently at the bond's largest useful rank; a list gives
+    the bonds in order; a dict is keyed by bond (``"in-out"``); explicit ranks above the cap warn.
+    """
+    return _resolve_named_ranks(
+        construction, ranks, max_bond_ranks({m: sizes[m] for m in construction.modes}), "bond",
+        "TT rank {rank} of bond '{name}' exceeds its largest useful rank {cap} (the smaller product of the mode "
+        "sizes on either side); clamped to {cap}.",
+    )
 
 
 def resolve_cp_rank(ranks: RankSpec) -> int:
@@ -357,6 +427,8 @@ def _resolve_family_spec(construction: Construction, factorization: str, ranks: 
                          sizes: Mapping[str, float]) -> dict[str, int] | int:
     if factorization == "tucker":
         return resolve_tucker_ranks(construction, ranks, sizes)
+    if factorization == "tt":
+        return resolve_tt_ranks(construction, ranks, sizes)
     return resolve_cp_rank(ranks)
 
 
@@ -430,10 +502,12 @@ def resolve_family_ranks(construction: Construction, factorization: str, ranks: 
 
 
 def fit_ranks(ranks: Mapping[str, int] | int, sizes: Mapping[str, int]) -> dict[str, int] | int:
-    """A family's ranks on one of its tensors: Tucker ranks capped at a narrower tensor's sizes (k/v under GQA)."""
+    """A family's ranks on one of its tensors: Tucker (mode) and TT (bond) ranks capped at what a narrower
+    tensor (k/v under GQA) can use."""
     if isinstance(ranks, int):
         return ranks
-    return {mode: min(rank, sizes[mode]) for mode, rank in ranks.items()}
+    caps = {**sizes, **max_bond_ranks(sizes)}
+    return {name: min(rank, caps[name]) for name, rank in ranks.items()}
 
 
 def _preset_ranks(preset: Preset, ranks: RankSpec) -> RankSpec:

@@ -1,7 +1,8 @@
 """Tucker and CP parametrizations of one tensor of weight updates, read one slice at a time.
 
 A tensor has modes ``in``, the output modes (``out``, or ``head_dim`` and ``heads``) and index
-modes (``qkv``, ``depth``). The update stored at index ``i`` is never materialized during
+modes (``qkv``, ``depth``, or both fused as ``qkv_depth``). The tensor-train lives in
+``tensor_train.py`` behind the same interface. The update stored at index ``i`` is never materialized during
 training: both factorizations are read as a pair ``(A, B)`` with
 
     A = U_in                      (d_in x r)      shared by every slice of the tensor
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 
 # einsum letters: lower case for rank indices, upper case for size indices.
-_RANK_LETTER = {"in": "a", "out": "b", "head_dim": "c", "heads": "d", "qkv": "e", "depth": "f"}
-_SIZE_LETTER = {"out": "O", "head_dim": "J", "heads": "H", "qkv": "E", "depth": "F"}
+_RANK_LETTER = {"in": "a", "out": "b", "head_dim": "c", "heads": "d", "qkv": "e", "depth": "f", "qkv_depth": "g"}
+_SIZE_LETTER = {"out": "O", "head_dim": "J", "heads": "H", "qkv": "E", "depth": "F", "qkv_depth": "G"}
 # Hugging Face lays out attention features head-major (feature = head * head_dim + j), so the
 # output side of a slice is produced as (heads, head_dim) and flattened in that order.
 _OUTPUT_ORDER = ("heads", "out", "head_dim")
@@ -33,7 +34,7 @@ def _output_modes(modes: tuple[str, ...]) -> list[str]:
 
 
 def _index_modes(modes: tuple[str, ...]) -> list[str]:
-    return [m for m in modes if m in ("qkv", "depth")]
+    return [m for m in modes if m in ("qkv", "depth", "qkv_depth")]
 
 
 def _subsets(modes: list[str]) -> list[tuple[str, ...]]:
@@ -99,11 +100,14 @@ class FactorizedTensor(nn.Module):
         if unknown:
             raise ValueError(f"This tensor's index modes are {self.index_modes}; {unknown} are not among them.")
         free = tuple(m for m in self.index_modes if m not in fixed)
-        vectors = [self.factors[m][fixed[m]] for m in self.index_modes if m in fixed]
-        operands = [*self._leading(), *vectors, *(self.factors[m] for m in free),
-                    *(self.factors[m] for m in self.output_modes)]
-        b = torch.einsum(self._equations[free], *operands)
+        b = torch.einsum(self._equations[free], *self._operands(fixed, free))
         return b.reshape(*(self.sizes[m] for m in free), self.input_rank, self.output_size)
+
+    def _operands(self, fixed: Mapping[str, int], free: tuple[str, ...]) -> list[torch.Tensor]:
+        """The operands of ``self._equations[free]``, the index modes in ``fixed`` read at their index."""
+        vectors = [self.factors[m][fixed[m]] for m in self.index_modes if m in fixed]
+        return [*self._leading(), *vectors, *(self.factors[m] for m in free),
+                *(self.factors[m] for m in self.output_modes)]
 
     def slice_matrix(self, index: Mapping[str, int]) -> torch.Tensor:
         """The dense (d_out x d_in) slice at ``index``: for merging and tests, never for training."""
@@ -162,8 +166,13 @@ class CPTensor(FactorizedTensor):
 
 
 def build_tensor(factorization: str, sizes: Mapping[str, int], ranks: Mapping[str, int] | int) -> FactorizedTensor:
+    """The tensor of ``factorization`` with resolved ``ranks`` (Tucker: per mode, CP: one, TT: per bond)."""
     if factorization == "tucker":
         return TuckerTensor(sizes, ranks)
     if factorization == "cp":
         return CPTensor(sizes, ranks)
-    raise ValueError(f"Unknown factorization '{factorization}'. Choose 'tucker' or 'cp'.")
+    if factorization == "tt":
+        from .tensor_train import TensorTrainTensor  # it builds on this module's FactorizedTensor
+
+        return TensorTrainTensor(sizes, ranks)
+    raise ValueError(f"Unknown factorization '{factorization}'. Choose 'tucker', 'cp' or 'tt'.")

@@ -297,8 +297,10 @@ def _check_one_module_per_slot(targets: Sequence[Target]) -> None:
 def _check_adapter_size(config: TensLoraConfig, geometry: Geometry) -> None:
     """Refuse, before allocating anything, more parameters than the same construction has at full Tucker ranks
     (which already represent every update exactly): such ranks are a mistake, never a useful low-rank update (a CP
-    rank of 10**9 would try to allocate hundreds of GB). Tucker ranks are capped at the mode sizes, so only CP
-    ranks can reach this."""
+    rank of 10**9 would try to allocate hundreds of GB). Tucker and TT ranks are capped at their full ranks, so only
+    CP ranks can reach this (full-rank TT tensors may hold a little more than Tucker's: they are not refused)."""
+    if config.factorization != "cp":
+        return
     count = count_adapter_parameters(config.construction, config.factorization, config.ranks, geometry)
     limit = count_adapter_parameters(config.construction, "tucker", sys.maxsize, geometry)
     if count > limit:
