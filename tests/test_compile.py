@@ -125,6 +125,36 @@ def test_reuse_under_bf16_autocast_changes_no_number(name, monkeypatch):
         assert (shared[n] - own[n]).abs().max() <= 2 * 2**-8 * own[n].abs().max(), n
 
 
+def _two_active_adapters() -> nn.Module:
+    model = _model("bert_tucker")
+    model.add_adapter("other", TensLoraConfig(construction="att_qkv", ranks=2, init_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    return model
+
+
+def _input_dropout() -> nn.Module:
+    build, config = CONFIGS["bert_tucker"]
+    return get_peft_model(build(), TensLoraConfig(**{**config.to_dict(), "dropout": 0.3}))
+
+
+@pytest.mark.parametrize("build", [_two_active_adapters, _input_dropout])
+def test_shared_products_change_no_number(build, monkeypatch):
+    """Several active adapters, input dropout (each projection its own mask): as if nothing were shared."""
+    def step() -> tuple[torch.Tensor, dict, set]:
+        torch.manual_seed(0)
+        model = build().train()
+        trained = {n for n, p in model.named_parameters() if p.requires_grad and "tenslora_tensors" in n}
+        return *_loss_and_gradients(model, model, "bert_tucker"), trained
+
+    loss, shared, trained = step()
+    monkeypatch.setattr(PassCache, "get", lambda self, key, sources, compute: compute())
+    expected_loss, own, _ = step()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
+    assert shared.keys() == own.keys() and trained and trained <= own.keys()
+    for name in own:
+        torch.testing.assert_close(shared[name], own[name], rtol=1e-5, atol=1e-6)
+
+
 GEOMETRY = Geometry(hidden_size=12, attention_width=8, num_layers=3, roles=("q", "k", "v"), num_heads=2)
 
 
