@@ -66,7 +66,9 @@ class TensorBank(nn.Module):
         """``scaling * B`` (r x width) of one slice, in ``dtype``.
 
         Formed in one contraction with the B of every role of its tensor at the same layer (the
-        slices that differ only in the role mode), which the layer's other projections reuse.
+        slices that differ only in the role mode), which the layer's other projections reuse. Not
+        once per pass for all layers: a checkpointed layer's recomputation must compute what its
+        first run computed, and a reentrant one must not backpropagate twice into a shared product.
         """
         tensor = self.tensors[address.key]
         fixed = {mode: i for mode, i in address.index.items() if mode != "qkv"}
