@@ -10,8 +10,9 @@ history, metrics and checkpoints, or a user's own files, stay), through a small 
 the files are written and synced in a hidden staging folder inside the target; renaming it to
 ``*.committed`` commits the save; then each file is renamed over its old version. A kill before
 the commit leaves the old adapter (the next save discards the staging folder); a kill after it
-leaves a committed journal that the next ``save_adapter`` or ``load_adapter`` finishes. Only while
-those few renames run would a bare ``PeftModel.from_pretrained`` see old and new files together.
+leaves a committed journal that the next ``save_adapter`` or ``load_adapter`` finishes. Only in a
+folder a kill left between those few renames, and until then, would a bare
+``PeftModel.from_pretrained`` (which knows nothing of the journal) see old and new files together.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from torch import nn
 from .registration import PEFT_TYPE_NAME
 
 CONFIG_NAME = "adapter_config.json"
-
-
 STAGING_PREFIX = ".tenslora-save-"  # a save being written, inside the target folder
 COMMITTED = ".committed"  # suffix of a staging folder whose files are complete and synced
 MODEL_CARD = "README.md"  # PEFT updates an existing card rather than replacing it
