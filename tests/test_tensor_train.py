@@ -1,0 +1,277 @@
+"""Tensor-train tensors (factorization="tt") against an independent dense reconstruction (tensorly.tt_to_tensor):
+every construction, slice orientation and head layout; init; rank specs; counts, budgets, merging, saving."""
+
+import copy
+import itertools
+import warnings
+
+import pytest
+import tensorly as tl
+import torch
+from peft import PeftModel, get_peft_model
+
+import tenslora
+from tenslora import TensLoraConfig
+from tenslora.budget import count_adapter_parameters, lora_parameter_count, match_budget
+from tenslora.construction import CONSTRUCTIONS, FUSED_CONSTRUCTIONS, Geometry, get_construction, resolve_tt_ranks
+from tenslora.factorization import CPTensor, TuckerTensor
+from tenslora.tensor_train import TensorTrainTensor
+from test_all_linear import ATTENTION, BUILD, MLP, MODULES, SCALING, adapter_numel, outputs, role_widths
+from tiny import bert, inputs, llama
+
+tl.set_backend("pytorch")
+
+ALL_CONSTRUCTIONS = sorted({**CONSTRUCTIONS, **FUSED_CONSTRUCTIONS})
+GEOMETRY = Geometry(hidden_size=12, attention_width=8, num_layers=3, roles=("q", "k", "v"), num_heads=2)
+BERT_BASE = Geometry(hidden_size=768, attention_width=768, num_layers=12, roles=("q", "k", "v"), num_heads=12)
+
+
+def dense_tensor(tensor) -> torch.Tensor:
+    """The full tensor by tensorly, modes in the tensor's own order."""
+    factors = [tensor.factors[mode].detach() for mode in tensor.modes]
+    if isinstance(tensor, TensorTrainTensor):  # tensorly's cores all have both bonds: (1 x n_1 x r_1) ... (r x n_n x 1)
+        return tl.tt_to_tensor([factors[0].unsqueeze(0), *factors[1:-1], factors[-1].unsqueeze(-1)])
+    if isinstance(tensor, TuckerTensor):
+        return tl.tucker_to_tensor((tensor.core.detach(), factors))
+    assert isinstance(tensor, CPTensor)
+    return tl.cp_to_tensor((torch.ones(tensor.rank), factors))
+
+
+def dense_slice(full: torch.Tensor, modes: tuple[str, ...], index: dict[str, int]) -> torch.Tensor:
+    """(d_out x d_in) slice at ``index``, Hugging Face's head-major rows (o = head * head_dim + j) written out."""
+    for position in reversed(range(len(modes))):  # the index modes come last: select from the end
+        if modes[position] in index:
+            full = full.select(position, index[modes[position]])
+    if full.dim() == 3:  # in, head_dim, heads
+        d_in, head_dim, heads = full.shape
+        return full.permute(2, 1, 0).reshape(heads * head_dim, d_in)
+    return full.T
+
+
+def indices(modes: tuple[str, ...], sizes: dict[str, int]):
+    index_modes = [m for m in modes if m in ("qkv", "depth", "qkv_depth")]
+    for values in itertools.product(*(range(sizes[m]) for m in index_modes)):
+        yield dict(zip(index_modes, values, strict=True))
+
+
+def random_tt(name: str, ranks=3) -> TensorTrainTensor:
+    construction = get_construction(name)
+    sizes = GEOMETRY.mode_sizes(construction)
+    tensor = TensorTrainTensor(sizes, resolve_tt_ranks(construction, ranks, sizes))
+    with torch.no_grad():
+        for parameter in tensor.parameters():
+            parameter.normal_()
+    return tensor
+
+
+@pytest.mark.parametrize("name", ALL_CONSTRUCTIONS)
+def test_tt_slices_match_tensorly(name):
+    tensor = random_tt(name)
+    full = dense_tensor(tensor)
+    assert full.shape == tuple(tensor.sizes.values())
+    for index in indices(tensor.modes, tensor.sizes):
+        torch.testing.assert_close(tensor.slice_matrix(index), dense_slice(full, tensor.modes, index),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ALL_CONSTRUCTIONS)
+def test_tt_output_matrices_hold_every_slices_output_matrix(name):
+    """The forward path's batched reader: with any index modes free, each free index gives that slice's own B."""
+    tensor = random_tt(name, ranks=[2, 3, 4, 2][: len(get_construction(name).modes) - 1])
+    full = dense_tensor(tensor)
+    index_modes = tensor.index_modes
+    for count in range(len(index_modes) + 1):
+        for fixed_modes in itertools.combinations(index_modes, count):
+            free = [m for m in index_modes if m not in fixed_modes]
+            for fixed_values in itertools.product(*(range(tensor.sizes[m]) for m in fixed_modes)):
+                fixed = dict(zip(fixed_modes, fixed_values, strict=True))
+                group = tensor.output_matrices(fixed)
+                assert group.shape == (*(tensor.sizes[m] for m in free), tensor.input_rank, tensor.output_size)
+                for free_values in itertools.product(*(range(tensor.sizes[m]) for m in free)):
+                    index = {**fixed, **dict(zip(free, free_values, strict=True))}
+                    torch.testing.assert_close(group[free_values], tensor.output_matrix(index))
+                    torch.testing.assert_close((tensor.input_factor() @ group[free_values]).T,
+                                               dense_slice(full, tensor.modes, index), atol=1e-4, rtol=1e-4)
+
+
+def test_tt_cores_have_the_documented_shapes():
+    sizes = GEOMETRY.mode_sizes(CONSTRUCTIONS["att_qkv_depth"])  # in 12, head_dim 4, heads 2, qkv 3, depth 3
+    ranks = {"in-head_dim": 5, "head_dim-heads": 2, "heads-qkv": 4, "qkv-depth": 3}
+    tensor = TensorTrainTensor(sizes, ranks)
+    assert {m: tuple(f.shape) for m, f in tensor.factors.items()} == {
+        "in": (12, 5), "head_dim": (5, 4, 2), "heads": (2, 2, 4), "qkv": (4, 3, 3), "depth": (3, 3)}
+    assert tensor.input_rank == 5 and tensor.output_matrix({"qkv": 0, "depth": 0}).shape == (5, 8)
+    with pytest.raises(ValueError, match=r"one rank per bond \['in-head_dim', 'head_dim-heads'"):
+        TensorTrainTensor(sizes, {"in": 5, "head_dim": 2})
+
+
+@pytest.mark.parametrize("name", ["qkv_depth", "att_qkv_depth", "matrix", "fused_qkv_depth"])
+def test_tt_init_is_a_zero_update_in_mixed_canonical_form(name):
+    """The output core is zero; the cores around it are orthonormal towards it, so the zero core maps to the
+    tensor isometrically: any value it takes is the tensor's norm (a well-conditioned first step)."""
+    construction = get_construction(name)
+    sizes = GEOMETRY.mode_sizes(construction)
+    tensor = TensorTrainTensor(sizes, resolve_tt_ranks(construction, 3, sizes))
+    zero = "head_dim" if construction.split_heads else "out"
+    assert [m for m, f in tensor.factors.items() if torch.count_nonzero(f) == 0] == [zero]
+    for index in indices(tensor.modes, sizes):
+        assert torch.count_nonzero(tensor.slice_matrix(index)) == 0
+    a = tensor.factors["in"]
+    torch.testing.assert_close(a.T @ a, torch.eye(a.shape[1]), atol=1e-5, rtol=0)
+    for mode in tensor.modes[tensor.modes.index(zero) + 1:]:
+        right = tensor.factors[mode].reshape(tensor.factors[mode].shape[0], -1)
+        torch.testing.assert_close(right @ right.T, torch.eye(right.shape[0]), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        tensor.factors[zero].normal_()
+    torch.testing.assert_close(dense_tensor(tensor).norm(), tensor.factors[zero].norm(), atol=1e-4, rtol=1e-4)
+
+
+def test_gradients_reach_the_zero_core_through_a_peft_model():
+    torch.manual_seed(0)
+    model = get_peft_model(bert(), TensLoraConfig(construction="att_qkv_depth", factorization="tt", ranks=3))
+    tensor = model.base_model.tenslora_tensors["default"].tensors["all"]
+    model(**inputs("bert")).logits.square().sum().backward()
+    assert tensor.factors["head_dim"].grad.abs().max() > 0  # the zero core learns from the first step
+    for mode in ("in", "heads", "qkv", "depth"):  # the others' gradients pass through the zero core: zero at init
+        assert torch.count_nonzero(tensor.factors[mode].grad) == 0
+
+
+def _expected_update(bank, construction: str, roles: tuple[str, ...], role: str, layer: int,
+                     widths: dict[str, int], layers: int = 2) -> torch.Tensor:
+    """The (d_out x d_in) update of ``role`` in ``layer`` read from tensorly's full tensor by this test's own rules:
+    one tensor per family, k/v rows first, o/down transposed, a fused mode indexed role * L + layer."""
+    spec = get_construction(construction)
+    family = MLP if role in MLP else ATTENTION
+    family_roles = [r for r in roles if r in family]
+    name = "" if family is ATTENTION else "mlp"
+    key = "_".join(p for p in [name if spec.stack_roles else role, "" if spec.stack_layers else f"layer{layer}"] if p)
+    tensor = bank.tensors[key or "all"]
+    if spec.fused:
+        index = {"qkv_depth": family_roles.index(role) * layers + layer}
+    else:
+        index = {"qkv": family_roles.index(role)} if spec.stack_roles else {}
+        index |= {"depth": layer} if spec.stack_layers else {}
+    update = dense_slice(dense_tensor(tensor), tensor.modes, index)[: widths[role]]
+    return update.T if role in ("o", "down") else update
+
+
+def check_dense_updates(name: str, construction: str, factorization: str) -> None:
+    """All-linear adapter on a tiny model = the base model with the dense updates added; merging gives it too;
+    parameter count = numel."""
+    base = BUILD[name]()
+    reference = copy.deepcopy(base)
+    torch.manual_seed(0)
+    config = TensLoraConfig(construction=construction, factorization=factorization, ranks=3, roles="all-linear",
+                            scaling=SCALING, init_weights=False)
+    model = get_peft_model(base, config)
+    bank = model.base_model.tenslora_tensors["default"]
+    roles = tuple(MODULES[name])
+    widths = role_widths(reference.config)
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        original = outputs(reference, name)
+        for layer in range(2):
+            by_module: dict[str, list[str]] = {}
+            for role in roles:  # GPT-2's c_attn holds q, k and v side by side
+                by_module.setdefault(MODULES[name][role].format(layer), []).append(role)
+            for module_name, fused in by_module.items():
+                delta = SCALING * torch.cat([_expected_update(bank, construction, roles, r, layer, widths)
+                                             for r in fused])
+                modules[module_name].weight += delta.T if name == "gpt2" else delta  # Conv1D stores (in, out)
+        expected = outputs(reference, name)
+        adapted = outputs(model, name)
+    assert (adapted - original).abs().max() > 1e-2
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-4)
+    assert adapter_numel(model) == tenslora.count_parameters(config, reference.config)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(model.merge_and_unload(), name), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("construction", ALL_CONSTRUCTIONS)
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
+def test_tt_adapter_is_the_dense_update_of_every_block_linear(name, construction):
+    check_dense_updates(name, construction, "tt")
+
+
+def test_tt_rank_specs():
+    construction = CONSTRUCTIONS["qkv_depth"]
+    sizes = BERT_BASE.mode_sizes(construction)  # in 768, out 768, qkv 3, depth 12
+    # Largest useful ranks: in-out min(768, 768*3*12), out-qkv min(768^2, 36) = 36, qkv-depth min(.., 12) = 12.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_tt_ranks(construction, 16, sizes) == {"in-out": 16, "out-qkv": 16, "qkv-depth": 12}
+    assert resolve_tt_ranks(construction, [8, 4, 2], sizes) == {"in-out": 8, "out-qkv": 4, "qkv-depth": 2}
+    assert resolve_tt_ranks(construction, {"in-out": 8, "out-qkv": "full", "qkv-depth": 2}, sizes) == {
+        "in-out": 8, "out-qkv": 36, "qkv-depth": 2}
+    with pytest.warns(UserWarning, match="TT rank 20 of bond 'qkv-depth' exceeds its largest useful rank 12"):
+        assert resolve_tt_ranks(construction, [8, 4, 20], sizes)["qkv-depth"] == 12
+
+
+@pytest.mark.parametrize(
+    ("ranks", "message"),
+    [
+        ([8, 8, 3, 4], r"has 3 bonds \['in-out', 'out-qkv', 'qkv-depth'\] but 4 ranks were given"),
+        ({"in": 8, "out": 8, "qkv": 3, "depth": 4}, r"unknown bond\(s\) \['in', 'out', 'qkv', 'depth'\]"),
+        ({"in-out": 8, "out-qkv": 8}, r"misses bond\(s\) \['qkv-depth'\].*in-out=8, out-qkv=8, qkv-depth=8"),
+        ([8, 0, 2], "rank of bond 'out-qkv' must be a positive integer"),
+    ],
+)
+def test_bad_tt_ranks_name_the_bonds(ranks, message):
+    with pytest.raises(ValueError, match=message):
+        TensLoraConfig(construction="qkv_depth", factorization="tt", ranks=ranks)
+
+
+def test_tt_counts_are_the_sum_of_the_cores():
+    d, L = 768, 12
+    ranks = {"in-out": 8, "out-qkv": 4, "qkv-depth": 2}
+    assert count_adapter_parameters("qkv_depth", "tt", ranks, BERT_BASE) == d * 8 + 8 * d * 4 + 4 * 3 * 2 + 2 * L
+    # Per layer on att: in (d x r), head_dim (r x 64 x r'), heads (r' x 12); three roles, twelve layers.
+    assert count_adapter_parameters("att", "tt", 8, BERT_BASE) == 3 * L * (d * 8 + 8 * 64 * 8 + 8 * 12)
+    # matrix + TT is LoRA: in (d x r) and out (r x d).
+    assert count_adapter_parameters("matrix", "tt", 8, BERT_BASE) == lora_parameter_count(8, BERT_BASE)
+
+
+@pytest.mark.parametrize("construction", ["qkv_depth", "att_qkv_depth", "depth", "att", "fused_qkv_depth"])
+def test_tt_match_budget_finds_the_closest_common_bond_rank(construction):
+    budget = lora_parameter_count(8, BERT_BASE)
+    ranks = match_budget(construction, "tt", budget, BERT_BASE)
+    count = count_adapter_parameters(construction, "tt", ranks, BERT_BASE)
+    r = ranks["in-out"] if "in-out" in ranks else ranks["in-head_dim"]
+    for neighbour in (r - 1, r + 1):
+        assert abs(count - budget) <= abs(count_adapter_parameters(construction, "tt", neighbour, BERT_BASE) - budget)
+    assert abs(count - budget) / budget < 0.15
+    fixed = match_budget("qkv_depth", "tt", budget, BERT_BASE, fixed={"qkv-depth": 2})
+    assert fixed["qkv-depth"] == 2 and fixed["in-out"] == fixed["out-qkv"]
+    with pytest.raises(ValueError, match=r"`fixed` names bond\(s\) \['qkv'\]"):
+        match_budget("qkv_depth", "tt", budget, BERT_BASE, fixed={"qkv": 2})
+
+
+def test_tt_match_budget_on_all_linear_llama():
+    base = llama()
+    budget = tenslora.lora_parameter_count(4, base.config, "all-linear")
+    ranks = tenslora.match_budget("att_qkv_depth", "tt", budget, base.config, roles="all-linear")
+    assert set(ranks) == {"attention", "mlp"} and "in-head_dim" in ranks["attention"] and "in-out" in ranks["mlp"]
+    config = TensLoraConfig(construction="att_qkv_depth", factorization="tt", ranks=ranks, roles="all-linear")
+    count = tenslora.count_parameters(config, base.config)
+    assert adapter_numel(get_peft_model(base, config)) == count and abs(count - budget) / budget < 0.15
+    assert tenslora.resolved_ranks(config, base.config) == ranks
+
+
+def test_tt_adapter_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    config = TensLoraConfig(construction="att_qkv_depth", factorization="tt", ranks=[4, 3, 2, 2], init_weights=False)
+    model = get_peft_model(llama(), config)
+    with torch.no_grad():
+        expected = outputs(model, "llama")
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(llama(), tmp_path)
+    assert loaded.peft_config["default"].factorization == "tt"
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(loaded, "llama"), expected)
+
+
+def test_params_table_with_tt():
+    from tenslora.params import format_parameter_table
+
+    table = format_parameter_table(bert().config, "tiny-bert", 2, "q,k,v", "tt")
+    assert "tt at rank 2" in table and "in-out=" in table
