@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .construction import TENSOR_CONSTRUCTIONS
+from .construction import FACTORIZATIONS, TENSOR_CONSTRUCTIONS
 from .data import BUILTIN_TASKS
 from .data.metrics import METRICS
 from .export import export_run, merge_run
@@ -108,7 +108,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_adapter_arguments(group: argparse._ArgumentGroup) -> None:
     """The adapter options a sweep keeps the same in every run."""
-    group.add_argument("--factorization", choices=["tucker", "cp"], help="(default: tucker; presets set their own)")
+    group.add_argument("--factorization", choices=FACTORIZATIONS,
+                       help="tucker (ranks per mode), cp (one rank) or tt (tensor-train, ranks per bond) "
+                       "(default: tucker; presets set their own)")
     group.add_argument("--scaling", help="the update is scaling * Delta W" + _default("scaling"))
     group.add_argument("--dropout", help="dropout on the adapter's input" + _default("dropout"))
     group.add_argument("--roles", help="projections to adapt, among q,k,v,o (default: q,k,v)")
@@ -313,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--lora-rank", type=positive_int, default=8,
                         help="the LoRA rank r to compare with (default: 8)")
     params.add_argument("--roles", default="q,k,v", help="projections adapted (default: q,k,v)")
-    params.add_argument("--factorization", choices=["tucker", "cp"], default="tucker", help="(default: tucker)")
+    params.add_argument("--factorization", choices=FACTORIZATIONS, default="tucker",
+                        help="tucker, cp or tt (tensor-train) (default: tucker)")
     _add_trust_argument(params)
     params.set_defaults(handler=command_params)
 

@@ -102,27 +102,32 @@ class TensLoraConfig(PeftConfig):
 
     Presets (``construction=``) expand to the method they reproduce: ``lora`` (CP on one matrix
     per projection, i.e. LoRA), ``lotr`` (depth + Tucker, ranks r, r, L), ``fact_tt`` (qkv_depth
-    + Tucker, ranks r, r, n_roles, L) and ``lorta`` (att_qkv_depth + CP).
+    + Tucker, ranks r, r, n_roles, L), ``fact_tk`` (fused_qkv_depth + Tucker, ranks r, r, r) and
+    ``lorta`` (att_qkv_depth + CP).
     """
 
     construction: str = field(
         default="qkv_depth",
         metadata={"help": "How updates are stacked into tensors: att, qkv, depth, att_qkv, att_depth, qkv_depth, "
-                          "att_qkv_depth, matrix (one matrix per projection), or a preset: lora, lotr, fact_tt, lorta. "
-                          "qkv_depth is the default because it beat LoRA at equal budget in the paper."},
+                          "att_qkv_depth, matrix (one matrix per projection), fused_qkv_depth and "
+                          "att_fused_qkv_depth (roles and layers as one mode, index role * L + layer), or a preset: "
+                          "lora, lotr, fact_tt, fact_tk, lorta. qkv_depth is the default because it beat LoRA at "
+                          "equal budget in the paper."},
     )
     factorization: Optional[str] = field(
         default=None,
-        metadata={"help": "'tucker' (one rank per mode; the paper's choice, default) or 'cp' (one rank). "
-                          "Presets set it themselves."},
+        metadata={"help": "'tucker' (one rank per mode; the paper's choice, default), 'cp' (one rank) or 'tt' "
+                          "(tensor-train: one rank per bond between adjacent modes). Presets set it themselves."},
     )
     ranks: Union[int, list[int], dict[str, Union[int, str]]] = field(
         default=8,
         metadata={"help": "Tucker: an int (every mode of every tensor, capped at the mode's size), a list in the "
                           "construction's mode order (in, out | head_dim, heads, qkv, depth) or a dict keyed by mode "
-                          "name ('full' = the mode's size). CP: one int. Attention and MLP tensors may get their own: "
-                          "{'attention': ..., 'mlp': ...}, each any of the former (needed by the att constructions "
-                          "with both families, unless one int)."},
+                          "name ('full' = the mode's size). CP: one int. TT: an int (every bond), a list in bond "
+                          "order or a dict keyed by bond, named by its two modes ({'in-out': 8, 'out-qkv': 4, "
+                          "'qkv-depth': 2}; 'full' = the bond's largest useful rank). Attention and MLP tensors may "
+                          "get their own: {'attention': ..., 'mlp': ...}, each any of the former (needed by the att "
+                          "constructions with both families, unless one int)."},
     )
     scaling: float = field(
         default=1.0,
@@ -156,7 +161,8 @@ class TensLoraConfig(PeftConfig):
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: the update starts at zero (Tucker: zero core, orthonormal factors; CP: one zero "
-                          "factor). False: every parameter random, for tests and debugging only."},
+                          "factor; TT: a zero output core, the others orthonormal towards it). False: every "
+                          "parameter random, for tests and debugging only."},
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
