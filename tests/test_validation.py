@@ -283,6 +283,16 @@ def test_model_code_is_never_run_without_trust_remote_code(tmp_path, capsys, mon
     assert code == 2 and "Traceback" not in err and line.startswith("tenslora train: error:")
     assert "--trust-remote-code" in line and "auto_map" in line and not (model / "RAN").exists()
     assert not (tmp_path / "out" / "run.json").exists()
+    calls = []
+
+    def tokenizer(name, **kwargs):  # stands in for the model's own code, which this test does not run
+        calls.append(kwargs.get("trust_remote_code"))
+        raise ValueError("stopped after the tokenizer")
+
+    monkeypatch.setattr(tenslora.modeling.AutoTokenizer, "from_pretrained", tokenizer)
+    assert main(["train", "--train-file", str(data["train"]), "--text-column", "review", "--label-column", "stars",
+                 "--model", str(model), "--output-dir", str(tmp_path / "out"), "--trust-remote-code"]) == 2
+    assert calls == [True] and "stopped after the tokenizer" in capsys.readouterr().err
 
 
 def test_trust_remote_code_reaches_the_loaders(tmp_path, monkeypatch):
