@@ -58,9 +58,13 @@ def _settings(weight) -> tuple:
     return type(weight), weight.dtype, weight.has_fp16_weights
 
 
+ROLES = {"qkv": ["q", "k", "v"], "all-linear": "all-linear"}  # QLoRA recipes adapt every linear layer
+
+
+@pytest.mark.parametrize("roles", ROLES)
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_trains_on_a_quantized_base(llama_folder, quantization):
-    model = _adapted(llama_folder, quantization).train()
+def test_trains_on_a_quantized_base(llama_folder, quantization, roles):
+    model = _adapted(llama_folder, quantization, roles=ROLES[roles]).train()
     base = _projection(model).get_base_layer()
     assert isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and not base.weight.requires_grad
     batch = tiny.inputs("llama")
@@ -80,9 +84,10 @@ def _logits(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
+@pytest.mark.parametrize("roles", ROLES)
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
-def test_merge_requantizes_and_moves_the_output_to_the_adapted_one(llama_folder, quantization):
-    model = _adapted(llama_folder, quantization, init_weights=False).eval()
+def test_merge_requantizes_and_moves_the_output_to_the_adapted_one(llama_folder, quantization, roles):
+    model = _adapted(llama_folder, quantization, init_weights=False, roles=ROLES[roles]).eval()
     batch = tiny.inputs("llama", batch=4)
     adapted = _logits(model, batch)
     with model.disable_adapter():
@@ -92,6 +97,8 @@ def test_merge_requantizes_and_moves_the_output_to_the_adapted_one(llama_folder,
         merged = model.merge_and_unload()
     layer = merged.model.layers[0].self_attn.q_proj
     assert type(layer) in (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) and _settings(layer.weight) == settings
+    if roles == "all-linear":
+        assert type(merged.model.layers[0].mlp.down_proj) is type(layer)
     if quantization != "int8":
         assert layer.weight.dtype == layer.weight.quant_storage
         assert layer.weight.quant_state.nested == layer.weight.compress_statistics
