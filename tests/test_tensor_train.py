@@ -275,3 +275,19 @@ def test_params_table_with_tt():
 
     table = format_parameter_table(bert().config, "tiny-bert", 2, "q,k,v", "tt")
     assert "tt at rank 2" in table and "in-out=" in table
+
+
+@pytest.mark.parametrize(("build", "construction"), [("gpt2", "att_qkv_depth"), ("llama", "fused_qkv_depth")])
+def test_tt_adapter_exports_to_lora_exactly(tmp_path, build, construction):
+    """Each TT slice is (G_in B)^T, of rank <= the in-bond rank: a plain LoRA gives the same outputs."""
+    torch.manual_seed(0)
+    config = TensLoraConfig(construction=construction, factorization="tt", ranks=3, roles="all-linear",
+                            init_weights=False, task_type="SEQ_CLS")
+    model = get_peft_model(BUILD[build](), config)
+    with torch.no_grad():
+        expected = outputs(model, build)
+    tenslora.export_lora(model, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(BUILD[build](), tmp_path / "lora")
+    assert lora.peft_config["default"].peft_type.value == "LORA"
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(lora, build), expected, atol=1e-5, rtol=1e-4)
