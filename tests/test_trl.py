@@ -15,7 +15,7 @@ import tiny_llm
 def _trainer(tmp_path, dataset: Dataset, config: tenslora.TensLoraConfig) -> SFTTrainer:
     arguments = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4,
                           learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no", max_length=16,
-                          disable_tqdm=True, seed=0, bf16=False)  # fp32: the reload is compared exactly
+                          logging_steps=1, disable_tqdm=True, seed=0, bf16=False)  # fp32: reloads compare exactly
     return SFTTrainer(model=tiny_llm.llama_causal_lm(), args=arguments, train_dataset=dataset,
                       processing_class=tiny_llm.tokenizer(), peft_config=config)
 
@@ -51,4 +51,30 @@ def test_sft_trainer_on_prompt_completion_pairs(tmp_path):
     first = trainer.train_dataset[0]
     assert first["labels"][:4] == [-100] * 4 and -100 not in first["labels"][4:]  # 4 prompt words, then the completion
     trainer.train()
-    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_sft_trainer_qlora_recipe_all_linear_on_a_4bit_base(tmp_path):
+    """docs/llm.md's recipe: a 4-bit base, every linear layer adapted, SFTTrainer."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    from peft import prepare_model_for_kbit_training
+
+    folder = tiny_llm.save_model_folder(tmp_path / "base", hidden_size=64, intermediate_size=128)
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization,
+                                                              device_map="cpu")
+    model = prepare_model_for_kbit_training(model)
+    arguments = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4,
+                          learning_rate=1e-2, report_to="none", use_cpu=True, save_strategy="no", max_length=16,
+                          logging_steps=1, disable_tqdm=True, seed=0, bf16=False)
+    config = tenslora.TensLoraConfig(construction="qkv_depth", ranks=4, roles="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=arguments, train_dataset=Dataset.from_dict({"text": tiny_llm.sentences(8)}),
+                         processing_class=tiny_llm.tokenizer(), peft_config=config)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in trainer.model.named_modules()
+               if isinstance(module, tenslora.TensLoraLayer)}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))

@@ -22,12 +22,17 @@ def tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
-def llama_causal_lm(seed: int = 0) -> transformers.LlamaForCausalLM:
-    """2 layers, hidden 32, 4 query heads over 2 key/value heads, gated MLP of width 37."""
+def llama_causal_lm(seed: int = 0, hidden_size: int = 32, intermediate_size: int = 37) -> transformers.LlamaForCausalLM:
+    """2 layers, hidden 32, 4 query heads over 2 key/value heads, gated MLP of width 37.
+
+    bitsandbytes' 4-bit CPU kernels need widths that are multiples of 64: pass hidden_size=64,
+    intermediate_size=128 for a base that will be quantized.
+    """
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=37,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(vocab_size=len(SPECIAL) + len(WORDS), hidden_size=hidden_size,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=intermediate_size, pad_token_id=0, bos_token_id=1,
+                                      eos_token_id=2)
     return transformers.LlamaForCausalLM(config).eval()
 
 
@@ -36,8 +41,8 @@ def sentences(count: int, seed: int = 0, length: int = 8) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(length)) for _ in range(count)]
 
 
-def save_model_folder(path: Path, seed: int = 0) -> Path:
+def save_model_folder(path: Path, seed: int = 0, **sizes: int) -> Path:
     """A local model folder (weights + tokenizer), as a user's downloaded checkpoint would be."""
-    llama_causal_lm(seed).save_pretrained(path)
+    llama_causal_lm(seed, **sizes).save_pretrained(path)
     tokenizer().save_pretrained(path)
     return path
