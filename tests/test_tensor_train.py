@@ -8,6 +8,7 @@ import warnings
 import pytest
 import tensorly as tl
 import torch
+import torch._dynamo as dynamo
 from peft import PeftModel, get_peft_model
 
 import tenslora
@@ -15,6 +16,7 @@ from tenslora import TensLoraConfig
 from tenslora.budget import count_adapter_parameters, lora_parameter_count, match_budget
 from tenslora.construction import CONSTRUCTIONS, FUSED_CONSTRUCTIONS, Geometry, get_construction, resolve_tt_ranks
 from tenslora.factorization import CPTensor, TuckerTensor
+from tenslora.params import format_parameter_table
 from tenslora.tensor_train import TensorTrainTensor
 from test_all_linear import ATTENTION, BUILD, MLP, MODULES, SCALING, adapter_numel, outputs, role_widths
 from tiny import bert, inputs, llama
@@ -271,8 +273,6 @@ def test_tt_adapter_saves_and_loads(tmp_path):
 
 
 def test_params_table_with_tt():
-    from tenslora.params import format_parameter_table
-
     table = format_parameter_table(bert().config, "tiny-bert", 2, "q,k,v", "tt")
     assert "tt at rank 2" in table and "in-out=" in table
 
@@ -291,3 +291,12 @@ def test_tt_adapter_exports_to_lora_exactly(tmp_path, build, construction):
     assert lora.peft_config["default"].peft_type.value == "LORA"
     with torch.no_grad():
         torch.testing.assert_close(outputs(lora, build), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_tt_forward_compiles_without_graph_break():
+    config = TensLoraConfig(construction="att_qkv_depth", factorization="tt", ranks=3, roles=["q", "k", "v", "o"],
+                            init_weights=False)
+    model = get_peft_model(bert(), config)
+    dynamo.reset()
+    explanation = dynamo.explain(model)(**inputs("bert"))
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
