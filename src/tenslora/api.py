@@ -7,8 +7,9 @@ from typing import Any
 
 from . import budget as budgets
 from .architectures import adapted_roles, config_value, geometry_from_config
+from .blocks import plan_tensors
 from .config import TensLoraConfig
-from .construction import Geometry, RankSpec, get_construction, resolve_family_ranks
+from .construction import Geometry, RankSpec, get_construction
 
 Roles = str | Sequence[str]
 
@@ -33,16 +34,15 @@ def _geometry_of(config: TensLoraConfig, model_config: Any) -> Geometry:
 def count_parameters(config: TensLoraConfig, model_config: Any) -> int:
     """Trainable adapter parameters of ``config`` on a model with ``model_config`` (head excluded)."""
     return budgets.count_adapter_parameters(config.construction, config.factorization, config.ranks,
-                                           _geometry_of(config, model_config))
+                                           _geometry_of(config, model_config), config.layout)
 
 
 def resolved_ranks(config: TensLoraConfig, model_config: Any) -> RankSpec:
     """The ranks ``config`` trains with on a model with ``model_config``: a single int spread over the
     modes, ``"full"`` and ranks above a mode's size (capped) written out, one per mode (CP: its one rank).
-    With attention and MLP roles, keyed by family: ``{"attention": ..., "mlp": ...}``."""
-    resolved = resolve_family_ranks(get_construction(config.construction), config.factorization, config.ranks,
-                                    _geometry_of(config, model_config))
-    return resolved if len(resolved) > 1 else next(iter(resolved.values()))
+    With attention and MLP roles, keyed by family: ``{"attention": ..., "mlp": ...}`` (not in the block layout)."""
+    return plan_tensors(get_construction(config.construction), config.factorization, config.ranks,
+                        _geometry_of(config, model_config), layout=config.layout).ranks
 
 
 def lora_parameter_count(rank: int, model_config: Any, roles: Roles = ("q", "k", "v")) -> int:
@@ -53,14 +53,15 @@ def lora_parameter_count(rank: int, model_config: Any, roles: Roles = ("q", "k",
 
 def match_budget(construction: str, factorization: str, budget: int, model_config: Any,
                  roles: Roles = ("q", "k", "v"), fixed: Mapping[str, int | str] | None = None,
-                 num_heads: int | None = None) -> RankSpec:
+                 num_heads: int | None = None, layout: str = "roles") -> RankSpec:
     """Ranks of ``construction`` whose parameter count is closest to ``budget`` (the isoparameter condition).
 
     Example: ``match_budget("qkv_depth", "tucker", lora_parameter_count(8, cfg, "all-linear"), cfg,
-    roles="all-linear")``. With attention and MLP roles, Tucker ranks come keyed by family.
+    roles="all-linear")``. With attention and MLP roles, Tucker ranks come keyed by family (not under
+    ``layout="blocks"``, whose blocks share one tensor).
     """
     roles = adapted_roles(roles, config_value(model_config, "model_type"))
     config = TensLoraConfig(construction=construction, factorization=factorization, roles=list(roles),
-                            num_heads=num_heads)
+                            num_heads=num_heads, layout=layout)
     return budgets.match_budget(config.construction, config.factorization, budget, _geometry_of(config, model_config),
-                               fixed)
+                               fixed, config.layout)

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .blocks import block_key, blocks_of, plan_tensors
 from .construction import (
     TRANSPOSED_ROLES,
     Construction,
     Geometry,
     RankSpec,
-    fit_ranks,
-    resolve_family_ranks,
     slice_index,
     tensor_key,
-    tensor_specs,
 )
 from .factorization import FactorizedTensor, build_tensor
 from .reuse import PassCache
@@ -38,22 +36,23 @@ class SliceAddress:
 
 
 class TensorBank(nn.Module):
-    """The tensors of one adapter: per family (attention, MLP), those the construction makes."""
+    """The tensors of one adapter: per family (attention, MLP), those the construction makes (block layout: the
+    tensors of every projection's d x d blocks)."""
 
     def __init__(self, construction: Construction, factorization: str, ranks: RankSpec, geometry: Geometry,
-                 layers: Sequence[int]):
+                 layers: Sequence[int], layout: str = "roles"):
         super().__init__()
         if len(layers) != geometry.num_layers:
             raise ValueError(f"{len(layers)} adapted layers but the geometry says {geometry.num_layers}.")
         self.construction = construction
         self.geometry = geometry
+        self.layout = layout
         self.layer_position = {layer: position for position, layer in enumerate(sorted(layers))}
-        family_ranks = resolve_family_ranks(construction, factorization, ranks, geometry)
-        # One family: its ranks as they always were; several: keyed by family, as `ranks` may be given.
-        self.ranks = family_ranks if len(family_ranks) > 1 else next(iter(family_ranks.values()))
+        planned = plan_tensors(construction, factorization, ranks, geometry, sorted(layers), layout)
+        self.ranks = planned.ranks
         self.tensors = nn.ModuleDict(
-            {key: build_tensor(factorization, spec.sizes, fit_ranks(family_ranks[spec.family], spec.sizes))
-             for key, spec in tensor_specs(construction, geometry, sorted(layers)).items()}
+            {key: build_tensor(factorization, spec.sizes, spec_ranks) for key, (spec, spec_ranks)
+             in planned.tensors.items()}
         )
         self._projections = PassCache()
 
@@ -85,15 +84,22 @@ class TensorBank(nn.Module):
         """Forget reused products: called before and after every forward pass of the model."""
         self._projections.clear()
 
-    def address(self, role: str, layer: int) -> SliceAddress:
+    def addresses(self, role: str, layer: int) -> tuple[SliceAddress, ...]:
+        """The slices whose updates, side by side along the wide side, make the update of ``role`` in ``layer``:
+        one in the role layout, one per d x d block in the block layout (blocks.py)."""
         if role not in self.geometry.roles or layer not in self.layer_position:
             raise KeyError(f"No update for role {role!r} in layer {layer} in this adapter.")
-        return SliceAddress(
+        transposed, position = role in TRANSPOSED_ROLES, self.layer_position[layer]
+        if self.layout == "blocks":
+            key = block_key(self.construction, layer)
+            return tuple(SliceAddress(key, block.index, block.width, transposed)
+                         for block in blocks_of(self.construction, self.geometry, role, position))
+        return (SliceAddress(
             key=tensor_key(self.construction, role, layer),
-            index=slice_index(self.construction, self.geometry, role, self.layer_position[layer]),
+            index=slice_index(self.construction, self.geometry, role, position),
             width=self.geometry.role_width(role),
-            transposed=role in TRANSPOSED_ROLES,
-        )
+            transposed=transposed,
+        ),)
 
     def tensor(self, key: str) -> FactorizedTensor:
         return self.tensors[key]

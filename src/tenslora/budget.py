@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+from .blocks import block_sizes, check_layout, plan_tensors
 from .construction import (
     Geometry,
     RankSpec,
     bond_names,
     check_factorization,
-    fit_ranks,
     get_construction,
     max_bond_ranks,
-    resolve_family_ranks,
-    tensor_specs,
 )
 
 
@@ -28,13 +26,13 @@ def count_tensor_parameters(factorization: str, sizes: Mapping[str, int], ranks:
     return ranks * sum(sizes.values())
 
 
-def count_adapter_parameters(construction: str, factorization: str, ranks: RankSpec, geometry: Geometry) -> int:
+def count_adapter_parameters(construction: str, factorization: str, ranks: RankSpec, geometry: Geometry,
+                             layout: str = "roles") -> int:
     """Trainable adapter parameters (without any classification head): the sum over the adapter's tensors."""
     spec = get_construction(construction)
     check_factorization(factorization)
-    family_ranks = resolve_family_ranks(spec, factorization, ranks, geometry)
-    return sum(count_tensor_parameters(factorization, t.sizes, fit_ranks(family_ranks[t.family], t.sizes))
-               for t in tensor_specs(spec, geometry).values())
+    planned = plan_tensors(spec, factorization, ranks, geometry, layout=layout)
+    return sum(count_tensor_parameters(factorization, t.sizes, t_ranks) for t, t_ranks in planned.tensors.values())
 
 
 def lora_parameter_count(rank: int, geometry: Geometry) -> int:
@@ -44,7 +42,7 @@ def lora_parameter_count(rank: int, geometry: Geometry) -> int:
 
 
 def match_budget(construction: str, factorization: str, budget: int, geometry: Geometry,
-                 fixed: Mapping[str, int | str] | None = None) -> RankSpec:
+                 fixed: Mapping[str, int | str] | None = None, layout: str = "roles") -> RankSpec:
     """Ranks whose parameter count is closest to ``budget`` (ties go to the smaller count).
 
     Tucker: one common rank r on every mode not in ``fixed``, capped at each mode's size (the
@@ -52,8 +50,9 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     the same r for the attention and the MLP tensors; with both families the ranks come keyed by
     family (``{"attention": {...}, "mlp": {...}}``), as each family's modes have their own sizes.
     TT: the same with bonds for modes (one common bond rank r, capped at each bond's largest useful
-    rank; ``fixed`` keyed by bond, e.g. ``{"qkv-depth": 2}``). CP: the single rank R. Raises
-    ``ValueError`` when no rank gets within a factor 2 of the budget.
+    rank; ``fixed`` keyed by bond, e.g. ``{"qkv-depth": 2}``). CP: the single rank R. ``layout="blocks"``:
+    the block tensors' modes (one spec, never keyed by family). Raises ``ValueError`` when no rank gets
+    within a factor 2 of the budget.
     """
     spec = get_construction(construction)
     check_factorization(factorization)
@@ -63,13 +62,14 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     if factorization == "cp":
         if fixed:
             raise ValueError("CP has a single rank; `fixed` ranks only apply to Tucker (modes) and TT (bonds).")
-        per_rank = count_adapter_parameters(construction, "cp", 1, geometry)
+        per_rank = count_adapter_parameters(construction, "cp", 1, geometry, layout)
         candidates = {max(1, budget // per_rank), max(1, budget // per_rank + 1)}
         best = min(candidates, key=lambda r: (abs(r * per_rank - budget), r))
         return _checked(best, best * per_rank, budget, construction, factorization)
 
     # The caps of what gets a rank: the modes' sizes (Tucker), the bonds' largest useful ranks (TT).
-    family_caps = {family: geometry.mode_sizes(spec, family) for family in geometry.families}
+    family_caps = ({family: geometry.mode_sizes(spec, family) for family in geometry.families}
+                   if check_layout(layout, spec) == "roles" else {"blocks": block_sizes(spec, geometry)})
     if factorization == "tt":
         family_caps = {family: max_bond_ranks(sizes) for family, sizes in family_caps.items()}
     kind = "bond" if factorization == "tt" else "mode"
@@ -95,7 +95,7 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     best, best_count = None, None
     for r in range(1, max(free_caps, default=1) + 1):
         ranks = ranks_at(r)
-        count = count_adapter_parameters(construction, factorization, ranks, geometry)
+        count = count_adapter_parameters(construction, factorization, ranks, geometry, layout)
         if best is None or abs(count - budget) < abs(best_count - budget):
             best, best_count = ranks, count
         if count > budget:

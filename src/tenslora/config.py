@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from .blocks import check_layout
 from .construction import (
     ALL_LINEAR,
     PRESETS,
@@ -142,6 +143,14 @@ class TensLoraConfig(PeftConfig):
                           "projection of the model's blocks (as PEFT's all-linear). Each family's roles form the "
                           "qkv mode of its own tensors."},
     )
+    layout: str = field(
+        default="roles",
+        metadata={"help": "'roles': one slice per projection, each family (attention, MLP) in tensors of its own "
+                          "width. 'blocks' (FacT, MetaTT): every projection cut into d x d blocks (d = hidden size; "
+                          "the MLP's into ceil(d_ffn / d), zero-padded), every block one slice along the qkv mode of "
+                          "the same tensor(s): 12 a layer on BERT/ViT. Needs qkv, qkv_depth or fused_qkv_depth (or "
+                          "the fact_tt, fact_tk presets) and ranks not keyed by family."},
+    )
     role_patterns: Optional[dict[str, str]] = field(
         default=None,
         metadata={"help": "For models TensLoRA does not know: a regex per role, matched against the end of module "
@@ -213,6 +222,7 @@ class TensLoraConfig(PeftConfig):
             self.construction, self.factorization = construction, factorization
         spec = get_construction(self.construction)
         self.factorization = check_factorization(self.factorization or "tucker")
+        check_layout(self.layout, spec, self.ranks)
         # Check the shape of `ranks` now (count, mode names, positivity); sizes are known only with a model.
         resolve_ranks(spec, self.factorization, self.ranks, {mode: math.inf for mode in spec.modes})
         if self.bias not in BIAS_CHOICES:

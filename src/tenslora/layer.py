@@ -2,7 +2,8 @@
 
 It owns no trainable parameter: it reads its slice of the adapter's shared tensors (the
 :class:`TensorBank` on the tuner) at each forward pass, as the factor pair (A, B) of
-``factorization.py``. A fused projection (q, k, v side by side) reads one slice per role.
+``factorization.py``. A fused projection (q, k, v side by side) reads one slice per role; in the
+block layout (blocks.py) a role reads one slice per d x d block, their B side by side.
 """
 
 from __future__ import annotations
@@ -22,11 +23,20 @@ from .quantized import dense_weight, keep_original, restore_original, store_weig
 
 @dataclass(frozen=True)
 class Segment:
-    """Output features ``[start, stop)`` of the wrapped module, and the slice that updates them (None: not adapted)."""
+    """Output features ``[start, stop)`` of the wrapped module (one role), and the slices that update them: one in
+    the role layout, one per d x d block in the block layout, in feature order (none: not adapted)."""
 
     start: int
     stop: int
-    address: Optional[SliceAddress]
+    blocks: tuple[SliceAddress, ...]
+
+    @property
+    def address(self) -> Optional[SliceAddress]:
+        """The one slice of a segment that is not cut into blocks (None: not adapted)."""
+        if len(self.blocks) > 1:
+            raise ValueError(f"Features {self.start}-{self.stop} are updated by {len(self.blocks)} d x d blocks "
+                             "(layout='blocks'), not one slice; read `Segment.blocks`.")
+        return self.blocks[0] if self.blocks else None
 
 
 class TensLoraLayer(nn.Module, BaseTunerLayer):
@@ -61,11 +71,13 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         x = self.tenslora_dropout[adapter_name](x)
         pieces = []
         for segment in self._segments[adapter_name]:
-            address = segment.address
-            if address is None:
+            if not segment.blocks:
                 pieces.append(x.new_zeros(*x.shape[:-1], segment.stop - segment.start))
                 continue
-            b = bank.scaled_output(address, scaling, x.dtype)
+            # The blocks of a role share U_in: its B is theirs side by side (r x width), whichever way it is cut.
+            outputs = [bank.scaled_output(address, scaling, x.dtype) for address in segment.blocks]
+            b = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
+            address = segment.blocks[0]
             if address.transposed:  # o and down: their update is the slice transposed
                 pieces.append((x @ b.T) @ bank.tensor(address.key).input_factor().to(x.dtype).T)
             else:
@@ -90,11 +102,13 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         bank = self._banks[adapter_name]
         rows = []
         for segment in self._segments[adapter_name]:
-            if segment.address is None:
+            if not segment.blocks:
                 rows.append(torch.zeros(segment.stop - segment.start, self.in_features,
                                         device=self.base_layer.weight.device))
-            else:
-                rows.append(bank.delta_weight(segment.address).float())
+                continue
+            # Blocks cut the wide side: output rows of q/k/v/up/gate, input columns of the transposed o/down.
+            blocks = [bank.delta_weight(address).float() for address in segment.blocks]
+            rows.append(torch.cat(blocks, dim=1 if segment.blocks[0].transposed else 0))
         delta = torch.cat(rows, dim=0) * self._scaling[adapter_name]
         return delta.T if self.is_conv1d else delta
 

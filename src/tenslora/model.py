@@ -107,8 +107,8 @@ def segments_for(target: Target, geometry: Geometry, bank: TensorBank) -> list[S
     segments, start = [], 0
     for role in target.fused_roles:
         width = geometry.role_shape(role)[1]
-        address = bank.address(role, target.layer) if role in target.roles else None
-        segments.append(Segment(start, start + width, address))
+        blocks = bank.addresses(role, target.layer) if role in target.roles else ()
+        segments.append(Segment(start, start + width, blocks))
         start += width
     return segments
 
@@ -132,7 +132,7 @@ class TensLoraModel(BaseTuner):
         # the meta device, as LoRA's are, and the loaded tensors are assigned in their place.
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
             bank = TensorBank(get_construction(config.construction), config.factorization, config.ranks, geometry,
-                              sorted({t.layer for t in targets}))
+                              sorted({t.layer for t in targets}), config.layout)
         if not config.init_weights:
             with torch.no_grad():
                 for parameter in bank.parameters():
@@ -301,8 +301,8 @@ def _check_adapter_size(config: TensLoraConfig, geometry: Geometry) -> None:
     CP ranks can reach this (full-rank TT tensors may hold a little more than Tucker's: they are not refused)."""
     if config.factorization != "cp":
         return
-    count = count_adapter_parameters(config.construction, config.factorization, config.ranks, geometry)
-    limit = count_adapter_parameters(config.construction, "tucker", sys.maxsize, geometry)
+    count = count_adapter_parameters(config.construction, config.factorization, config.ranks, geometry, config.layout)
+    limit = count_adapter_parameters(config.construction, "tucker", sys.maxsize, geometry, config.layout)
     if count > limit:
         raise ValueError(
             f"The adapter would have {count:,} parameters, more than the {limit:,} of full-rank Tucker tensors, "
