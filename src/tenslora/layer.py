@@ -34,8 +34,9 @@ class Segment:
     def address(self) -> Optional[SliceAddress]:
         """The one slice of a segment that is not cut into blocks (None: not adapted)."""
         if len(self.blocks) > 1:
-            raise ValueError(f"Features {self.start}-{self.stop} are updated by {len(self.blocks)} d x d blocks "
-                             "(layout='blocks'), not one slice; read `Segment.blocks`.")
+            raise ValueError(f"Features {self.start}-{self.stop} of this module are updated by {len(self.blocks)} "
+                             "d x d blocks (layout='blocks'), not by one slice, which this operation reads; it does "
+                             "not support the block layout yet (use layout='roles').")
         return self.blocks[0] if self.blocks else None
 
 
