@@ -14,13 +14,17 @@ from peft import PeftModel, get_peft_model
 
 import tenslora
 from tenslora import TensLoraConfig
-from tiny import TEXT, bert, gpt2, inputs, llama
+from tiny import TEXT, bert, gemma, gpt2, inputs, llama
 
 tl.set_backend("pytorch")
 
 #: Where each role's module is, per model, in the order the slots of a layer follow (q, k, v, o, gate, up, down).
 MODULES = {
     "llama": {"q": "model.layers.{}.self_attn.q_proj", "k": "model.layers.{}.self_attn.k_proj",
+              "v": "model.layers.{}.self_attn.v_proj", "o": "model.layers.{}.self_attn.o_proj",
+              "gate": "model.layers.{}.mlp.gate_proj", "up": "model.layers.{}.mlp.up_proj",
+              "down": "model.layers.{}.mlp.down_proj"},
+    "gemma": {"q": "model.layers.{}.self_attn.q_proj", "k": "model.layers.{}.self_attn.k_proj",
               "v": "model.layers.{}.self_attn.v_proj", "o": "model.layers.{}.self_attn.o_proj",
               "gate": "model.layers.{}.mlp.gate_proj", "up": "model.layers.{}.mlp.up_proj",
               "down": "model.layers.{}.mlp.down_proj"},
@@ -31,10 +35,11 @@ MODULES = {
              "v": "bert.encoder.layer.{}.attention.self.value", "o": "bert.encoder.layer.{}.attention.output.dense",
              "up": "bert.encoder.layer.{}.intermediate.dense", "down": "bert.encoder.layer.{}.output.dense"},
 }
-BUILD = {"llama": llama, "gpt2": gpt2, "bert": bert}
-#: The wide side of each role on the tiny models (d = 32): k/v of the GQA LLaMA are 16 wide, d_ffn is 37 on BERT
-#: and LLaMA, 4 x 32 on GPT-2.
-WIDTHS = {"bert": {"q": 32, "k": 32, "v": 32, "o": 32, "up": 37, "down": 37},
+BUILD = {"llama": llama, "gemma": gemma, "gpt2": gpt2, "bert": bert}
+#: The wide side of each role on the tiny models (d = 32): k/v of the GQA LLaMA are 16 wide, Gemma's attention is
+#: 64 wide (q and o two blocks each), d_ffn is 37 on BERT, LLaMA and Gemma, 4 x 32 on GPT-2.
+WIDTHS = {"gemma": {"q": 64, "k": 16, "v": 16, "o": 64, "gate": 37, "up": 37, "down": 37},
+          "bert": {"q": 32, "k": 32, "v": 32, "o": 32, "up": 37, "down": 37},
           "llama": {"q": 32, "k": 16, "v": 16, "o": 32, "gate": 37, "up": 37, "down": 37},
           "gpt2": {"q": 32, "k": 32, "v": 32, "o": 32, "up": 128, "down": 128}}
 D, LAYERS, SCALING = 32, 2, 0.5
@@ -86,7 +91,7 @@ def adapter_numel(model) -> int:
 
 @pytest.mark.parametrize(("construction", "factorization"),
                          [("qkv_depth", "tucker"), ("fused_qkv_depth", "tucker"), ("qkv", "cp"), ("qkv_depth", "tt")])
-@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "llama", "gemma", "gpt2"])
 def test_blocks_are_the_dense_update_of_every_projection(name, construction, factorization):
     base = BUILD[name]()
     reference = copy.deepcopy(base)
