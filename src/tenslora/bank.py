@@ -27,7 +27,8 @@ from .reuse import PassCache
 
 @dataclass(frozen=True)
 class SliceAddress:
-    """Where the update of one projection lives: which tensor, which index, how many rows it uses."""
+    """Where the update of one projection (or one d x d block of it, blocks.py) lives: which tensor, which index,
+    how many rows it uses."""
 
     key: str
     index: Mapping[str, int]
