@@ -8,6 +8,7 @@ from .layer import TensLoraLayer
 from .lora_export import export_lora
 from .model import TensLoraModel
 from .persistence import load_adapter, save_adapter
+from .refit import RefitReport, compress_adapter, from_lora
 from .registration import register
 
 register()
@@ -15,12 +16,15 @@ register()
 __all__ = [
     "CONSTRUCTIONS",
     "PRESETS",
+    "RefitReport",
     "TENSOR_CONSTRUCTIONS",
     "TensLoraConfig",
     "TensLoraLayer",
     "TensLoraModel",
+    "compress_adapter",
     "count_parameters",
     "export_lora",
+    "from_lora",
     "load_adapter",
     "lora_parameter_count",
     "match_budget",

@@ -1,4 +1,4 @@
-"""The ``tenslora`` command: train, sweep, eval, params, merge, export-lora.
+"""The ``tenslora`` command: train, sweep, eval, params, merge, export-lora, compress.
 
 Bad input ends with one line naming the fix and exit code 2 (argparse's own code for usage
 errors), never a traceback: options are validated by ``TrainOptions`` (pydantic) before any model
@@ -30,9 +30,11 @@ from .options import (
     describe_validation_error,
     option_names,
     options_from_mapping,
+    parse_ranks,
     read_config_file,
 )
 from .params import format_parameter_table
+from .run_compression import compress_run
 from .sweep import CONDITIONS, run_sweep
 from .train import evaluate_run, process_state, run_training
 
@@ -275,9 +277,28 @@ def command_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_compress(args: argparse.Namespace) -> int:
+    if [args.ranks, args.energy, args.budget].count(None) != 2:
+        raise ValueError("Give one of --ranks, --energy and --budget: the ranks, the share of each mode's energy kept "
+                         "(e.g. 0.99) or a parameter count (lora:4 or a number).")
+    ranks = None if args.ranks is None else parse_ranks(args.ranks)
+    summary = compress_run(args.run_dir, args.out_dir, ranks, args.energy, args.budget, args.eval, args.split)
+    before, after = summary["parameters_before"], summary["parameters_after"]
+    lines = [f"compressed adapter written to {args.out_dir}/ (`tenslora eval {args.out_dir}` evaluates it)",
+             f"ranks: {summary['ranks_before']} -> {summary['ranks_after']}",
+             f"adapter parameters: {before:,} -> {after:,} ({100 * after / before:.1f} %)",
+             f"relative error of the updates: {summary['relative_error']:.3g}"]
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        lines += [f"{evaluation['split']} {name}: {value:.4f} -> {evaluation['after'][name]:.4f}"
+                  for name, value in evaluation["before"].items() if name in METRICS]
+    print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tenslora", description="Tensor low-rank adapters (TensLoRA): "
-                    "fine-tune, compare with LoRA, evaluate, count parameters, merge, export to LoRA.")
+                    "fine-tune, compare with LoRA, evaluate, count parameters, merge, export to LoRA, compress.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune a model with a tensor adapter (no argument: a "
@@ -335,6 +356,23 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the adapter (new or empty folder)")
     export.set_defaults(handler=command_export_lora)
+
+    compress = commands.add_parser("compress", help="truncate a run's Tucker / tensor-train adapter to smaller ranks "
+                                   "(HOSVD / TT-SVD)", description="Truncate the adapter of a `tenslora train` run "
+                                   "(Tucker or tensor-train) to smaller ranks through its mode spectra, and write it "
+                                   "as a new run folder that `tenslora eval`, `merge` and `export-lora` take. Prints "
+                                   "the relative error of the updates and the parameters before and after.")
+    compress.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
+    compress.add_argument("out_dir", metavar="OUT_DIR", help="where to write the compressed run (new or empty folder)")
+    target = compress.add_argument_group("new ranks (one of)")
+    target.add_argument("--ranks", help="as train's: 4 (every mode), 4,4,3,2 (in mode order) or in=4,out=4,qkv=3,"
+                        "depth=2; tensor-train: per bond (in-out=4,...); never above the adapter's")
+    target.add_argument("--energy", type=float, help="per mode (bond), the smallest rank keeping this share of the "
+                        "squared singular values in every tensor, e.g. 0.99")
+    target.add_argument("--budget", help="the ranks nearest a parameter count: lora:4 (LoRA rank 4's) or a number")
+    compress.add_argument("--eval", action="store_true", help="score the run and the compressed one on --split")
+    compress.add_argument("--split", choices=["test", "validation", "train"], default="test", help="(default: test)")
+    compress.set_defaults(handler=command_compress)
     return parser
 
 
