@@ -93,13 +93,14 @@ def test_fit_fills_free_entries_with_the_fit():
 # Trained adapters, truncated
 
 # BERT with the transposed `o`, LLaMA's grouped-query k/v (narrower slices, zero-padded in q's tensors) with the
-# MLP roles and the head split, GPT-2's fused Conv1D `c_attn` (one tensor per layer: the qkv construction), and a
-# tensor-train.
+# MLP roles and the head split, GPT-2's fused Conv1D `c_attn` (one tensor per layer: the qkv construction), a
+# tensor-train, and FacT's block layout (d_ffn 37 cut into two zero-padded 32-wide blocks; down by columns).
 CASES = {
     "bert-qkv_depth": (bert, dict(construction="qkv_depth", roles=["q", "k", "v", "o"], ranks=4)),
     "llama-att-all-linear": (llama, dict(construction="att_qkv_depth", roles="all-linear", ranks=3)),
     "gpt2-qkv": (gpt2, dict(construction="qkv", roles=["q", "k", "v", "o"], ranks=3)),
     "llama-tt": (llama, dict(construction="qkv_depth", factorization="tt", roles=["q", "k", "v", "o"], ranks=4)),
+    "bert-fact-blocks": (bert, dict(construction="fused_qkv_depth", layout="blocks", roles="all-linear", ranks=3)),
 }
 
 
@@ -190,16 +191,34 @@ def test_budget_picks_match_budget_ranks():
 # LoRA adapters, fitted
 
 
+def _lora_holding(model: PeftModel, build) -> PeftModel:
+    """A PEFT LoRA on a fresh ``build()`` whose updates are exactly those of ``model`` (B A from their SVD)."""
+    deltas = delta_weights(model)
+    rank = max(min(delta.shape) for delta in deltas.values())
+    lora = get_peft_model(build(), LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=rank,
+                                              target_modules=sorted(deltas))).eval()
+    with torch.no_grad():
+        for name, module in lora.base_model.model.named_modules():
+            if name in deltas:
+                u, s, vh = torch.linalg.svd(deltas[name], full_matrices=False)
+                module.lora_A["default"].weight.zero_()[: s.shape[0]] = vh
+                module.lora_B["default"].weight.zero_()[:, : s.shape[0]] = u * s
+    return lora
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_lora_of_a_low_rank_tensor_is_recovered(name, tmp_path):
-    """A LoRA whose updates ARE a Tucker / TT tensor of the construction (the exact export of one) is fitted back
-    with no error, at the same ranks, and gives the TensLoRA model's outputs."""
+    """A LoRA whose updates ARE a Tucker / TT tensor of the construction is fitted back with no error at the same
+    ranks, and gives the TensLoRA model's outputs; from a saved LoRA folder too."""
+    build, options = CASES[name]
     model = _adapted(name)
     expected = _logits(model)
-    tenslora.export_lora(model, tmp_path)
+    lora = _lora_holding(model, build)
+    torch.testing.assert_close(_logits(lora), expected, atol=1e-5, rtol=1e-5)
+    lora.save_pretrained(tmp_path)
     config = model.peft_config["default"]
-    fitted, report = from_lora(tmp_path, CASES[name][1]["construction"], ranks=config.ranks,
-                               factorization=config.factorization, base_model=CASES[name][0]())
+    fitted, report = from_lora(tmp_path, options["construction"], ranks=config.ranks,
+                               factorization=config.factorization, layout=config.layout, base_model=build())
     assert report.relative_error < 1e-5
     assert fitted.peft_config["default"].roles == config.geometry["roles"]  # all-linear, written out
     assert report.parameters_after == sum(p.numel() for p in model.base_model.tenslora_tensors.parameters())

@@ -163,7 +163,8 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
         raise ValueError("Give exactly one of `ranks` and `budget` to fit a LoRA.")
     if factorization not in ("tucker", "tt"):
         raise ValueError(f"A LoRA is fitted by HOSVD (factorization 'tucker') or TT-SVD ('tt'), not {factorization!r}.")
-    TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks or 1, layout=layout)  # names
+    # The names and the rank spec are checked before the LoRA is consumed.
+    TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks or 1, layout=layout)
     if not isinstance(lora, PeftModel):
         if base_model is None:
             raise ValueError(f"'{lora}' is an adapter folder: pass base_model=, the model the LoRA was trained on.")
