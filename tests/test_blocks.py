@@ -218,10 +218,3 @@ def test_blocks_compile_without_graph_break_and_run_under_inference_mode():
 def test_bad_block_layouts_are_refused_by_the_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TensLoraConfig(roles="all-linear", **kwargs)
-
-
-def test_export_to_lora_refuses_projections_cut_into_blocks(tmp_path):
-    model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", ranks=3, roles="all-linear",
-                                                  layout="blocks"))
-    with pytest.raises(ValueError, match=r"updated by 2 d x d blocks \(layout='blocks'\).*use layout='roles'"):
-        tenslora.export_lora(model, tmp_path / "lora")

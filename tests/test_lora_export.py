@@ -24,7 +24,8 @@ from tiny import bert, gpt2, inputs, llama
 # name: (model builder, adapter options). Together: BERT with `o` (a transposed slice), LLaMA's grouped-query
 # k/v (narrower slices), GPT-2's fused Conv1D `c_attn` with one role left out and with q, k, v sharing U_in,
 # modules of different ranks (GPT-2's c_attn stacks three input factors, c_proj has one), Tucker and CP, the MLP
-# projections (`down` transposed like `o`; LLaMA's d_ffn is not a multiple of anything) and trained biases.
+# projections (`down` transposed like `o`; LLaMA's d_ffn is not a multiple of anything), trained biases, and
+# the block layout (a role's update made of several d-wide blocks, row blocks and column blocks).
 CASES = {
     "bert-tucker-o": (bert, dict(construction="qkv_depth", factorization="tucker", roles=["q", "k", "v", "o"],
                                  ranks=3)),
@@ -38,6 +39,10 @@ CASES = {
     "gpt2-mlp-cp": (gpt2, dict(construction="depth", factorization="cp", roles=["q", "v", "up", "down"], ranks=2)),
     "bert-bias-all": (bert, dict(construction="qkv", roles=["q", "v"], ranks=2, bias="all")),
     "gpt2-bias-adapted": (gpt2, dict(construction="qkv", roles=["q", "v", "o"], ranks=2, bias="tenslora_only")),
+    # FacT's block layout: up/down cut into two d-wide blocks (d_ffn 37 on hidden 32: the second one padded).
+    "bert-blocks-tucker": (bert, dict(construction="qkv_depth", roles="all-linear", layout="blocks", ranks=3)),
+    "llama-blocks-tt": (llama, dict(construction="qkv_depth", factorization="tt", roles="all-linear",
+                                    layout="blocks", ranks=2)),
 }
 WITHOUT_BIAS = [name for name, (_, options) in CASES.items() if "bias" not in options]
 

@@ -30,15 +30,6 @@ class Segment:
     stop: int
     blocks: tuple[SliceAddress, ...]
 
-    @property
-    def address(self) -> Optional[SliceAddress]:
-        """The one slice of a segment that is not cut into blocks (None: not adapted)."""
-        if len(self.blocks) > 1:
-            raise ValueError(f"Features {self.start}-{self.stop} of this module are updated by {len(self.blocks)} "
-                             "d x d blocks (layout='blocks'), not by one slice, which this operation reads; it does "
-                             "not support the block layout yet (use layout='roles').")
-        return self.blocks[0] if self.blocks else None
-
 
 class TensLoraLayer(nn.Module, BaseTunerLayer):
     # The trainable tensors are shared across layers and live on the tuner (TensLoraModel), which

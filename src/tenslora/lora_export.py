@@ -44,11 +44,13 @@ def layer_lora_factors(layer: TensLoraLayer, adapter_name: str) -> tuple[torch.T
     blocks: dict[object, torch.Tensor] = {}  # the row blocks of A, one per distinct input factor
     updates = []  # (output rows, block of A they read, their columns of B)
     for position, segment in enumerate(layer._segments[adapter_name]):
-        address = segment.address
-        if address is None:
+        if not segment.blocks:
             continue
+        # The block layout cuts a role into d-wide blocks of one tensor (one U_in): their B side by side is the
+        # role's B, each cropped to its width; the role layout has one block.
+        address = segment.blocks[0]
         tensor = bank.tensor(address.key)
-        output = tensor.output_matrix(address.index)[:, : address.width]
+        output = torch.cat([tensor.output_matrix(block.index)[:, : block.width] for block in segment.blocks], dim=1)
         if address.transposed:
             block, a, b = ("transposed", position), output, tensor.input_factor() * scaling
         else:
