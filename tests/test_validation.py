@@ -245,7 +245,8 @@ def test_given_options_are_told_from_defaults(tmp_path, capsys):
 def test_run_json_keeps_its_form():
     identity = TrainOptions().identity()
     assert list(identity) == [name for name in option_names()
-                              if name not in ("output_dir", "resume", "threads", "trust_remote_code")]
+                              if name not in ("output_dir", "resume", "threads", "trust_remote_code", "load_in_4bit",
+                                              "load_in_8bit")]
     assert TrainOptions(trust_remote_code=True).identity()["trust_remote_code"] is True
     assert identity["ranks"] == 8 and identity["roles"] == ["q", "k", "v"] and identity["max_train_samples"] == 6000
 

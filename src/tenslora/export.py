@@ -19,10 +19,13 @@ def merge_run(run_dir: str, out_dir: str) -> Path:
     head has no stock transformers class: its folder carries ``pooling.py`` and an ``auto_map``, so
     ``AutoModelForSequenceClassification.from_pretrained(out_dir, trust_remote_code=True)`` rebuilds
     it (and ``AutoModel.from_pretrained(out_dir)`` gives the encoder alone). See docs/cli.md.
+
+    A run trained on a quantized base is merged into that base's weights dequantized (fp32, as the
+    run computed with them): the merged model is a plain one that needs no bitsandbytes.
     """
     run = read_run(run_dir)
     with new_folder(out_dir) as staging:
-        model, preprocessor = load_trained_model(run_dir, run)
+        model, preprocessor = load_trained_model(run_dir, run, dequantize=True)
         if isinstance(model, PeftModel):
             model = model.merge_and_unload()
         model.save_pretrained(staging)
@@ -38,7 +41,7 @@ def export_run(run_dir: str, out_dir: str) -> Path:
         raise ValueError(f"The run in '{run_dir}' trained the classification head only: it has no adapter to "
                          "export. `tenslora merge` saves its model as a plain transformers folder.")
     with new_folder(out_dir) as staging:
-        model, preprocessor = load_trained_model(run_dir, run)
+        model, preprocessor = load_trained_model(run_dir, run, dequantize=True)  # the adapter alone is written
         write_lora(*lora_adapter(model), staging)
         preprocessor.save_pretrained(staging)
     return Path(out_dir)

@@ -3,7 +3,8 @@
 Text models get either the stock ``AutoModelForSequenceClassification`` head (``cls``: the
 model's own [CLS] pooling) or a mean-pooling head (``mean``, see ``pooling.py``), chosen by
 default from the checkpoint itself: a sentence-transformers checkpoint declares its pooling in
-``modules.json``. Image models get ``AutoModelForImageClassification``.
+``modules.json``. Image models get ``AutoModelForImageClassification``. Causal-LM runs fine-tune the
+checkpoint's own ``AutoModelForCausalLM`` (no new head), maybe on a base quantized by bitsandbytes.
 
 Every load passes ``trust_remote_code`` explicitly (False unless the run opted in): a folder whose
 config names its own code (``auto_map``) is refused with a clear error, never run, never prompted for.
@@ -18,21 +19,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from peft import prepare_model_for_kbit_training
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.utils import cached_file
 
+from .data import CAUSAL_LM_TASK
 from .persistence import load_adapter
 from .pooling import MeanPoolingForSequenceClassification
+from .quantized import dense_weight
+from .quantized import quantization as layer_quantization
 
 POOLINGS = ("mean", "cls")
 DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224"
@@ -150,16 +158,60 @@ def build_classifier(model: str, labels: Sequence[str], modality: str, pooling: 
                            ignore_mismatched_sizes=True)
 
 
-def load_trained_model(run_dir: str, run: dict) -> tuple[nn.Module, object]:
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype = torch.float32,
+                        ) -> BitsAndBytesConfig | None:
+    """bitsandbytes' settings for ``"4bit"`` (QLoRA's: nf4 with nested statistics) or ``"8bit"`` (LLM.int8())."""
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else None
+
+
+def build_causal_lm(model: str, quantization: str | None = None, compute_dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A pretrained causal LM with its own LM head; with ``quantization`` (``"4bit"``, ``"8bit"``) its linear layers
+    are quantized by bitsandbytes on ``device`` (default: the GPU if any, else the CPU) and the model is made
+    ready for training on them (``peft.prepare_model_for_kbit_training``: fp32 norms, gradient checkpointing)."""
+    config = quantization_config(quantization, compute_dtype)
+    if config is None:
+        return from_pretrained(AutoModelForCausalLM, model, trust_remote_code)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = from_pretrained(AutoModelForCausalLM, model, trust_remote_code, quantization_config=config,
+                             device_map={"": device})
+    return prepare_model_for_kbit_training(loaded, gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def dequantized_causal_lm(model: str, quantization: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM with the weights a quantized run trained on, dense: each quantized layer's weight as
+    bitsandbytes stores it, dequantized in fp32, in an unquantized copy of the model (the other weights as
+    stored). A run's adapter merged into it gives the function the run trained and evaluated."""
+    dense = from_pretrained(AutoModelForCausalLM, model, trust_remote_code)
+    quantized = build_causal_lm(model, quantization, device="cpu", trust_remote_code=trust_remote_code)
+    for name, module in quantized.named_modules():
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and layer_quantization(module):
+            dense.get_submodule(name).weight.data.copy_(dense_weight(module))
+    return dense
+
+
+def load_trained_model(run_dir: str, run: dict, dequantize: bool = False) -> tuple[nn.Module, object]:
     """The model and pre-processor a ``tenslora train`` run saved: base + adapter (a ``PeftModel``), or
     the whole model for a head-only run. ``run`` is the run's ``run.json``, whose options say whether the
-    run was allowed to execute the model's own code (``trust_remote_code``)."""
+    run was allowed to execute the model's own code (``trust_remote_code``) and how its base was quantized.
+
+    A quantized base is loaded quantized, as trained; with ``dequantize``, dense (``dequantized_causal_lm``),
+    for merging into plain weights or exporting.
+    """
     trust = bool(run["options"].get("trust_remote_code", False))
     preprocessor = load_preprocessor(run_dir, run["modality"], trust)
     if "adapter" not in run:
         return from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust), preprocessor
-    base = build_classifier(run["model"], run["labels"], run["modality"], run["pooling"],
-                            pad_token_id=getattr(preprocessor, "pad_token_id", None), trust_remote_code=trust)
+    if run["modality"] == CAUSAL_LM_TASK:
+        bits = run.get("quantization")
+        base = (dequantized_causal_lm(run["model"], bits, trust) if bits and dequantize
+                else build_causal_lm(run["model"], bits, trust_remote_code=trust))
+    else:
+        base = build_classifier(run["model"], run["labels"], run["modality"], run["pooling"],
+                                pad_token_id=getattr(preprocessor, "pad_token_id", None), trust_remote_code=trust)
     return load_adapter(base, run_dir), preprocessor
 
 

@@ -24,7 +24,7 @@ from pydantic.dataclasses import dataclass
 from .api import lora_parameter_count, match_budget
 from .config import TensLoraConfig
 from .construction import PRESETS
-from .data import BUILTIN_TASKS, CUSTOM_TASK, DEFAULT_TASK
+from .data import BUILTIN_TASKS, CAUSAL_LM_TASK, CUSTOM_TASK, DEFAULT_TASK, FILE_TASKS
 
 
 def _no_bool(value: Any) -> Any:
@@ -57,6 +57,12 @@ ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "scaling"
 POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "longformer")
 #: The largest seed numpy accepts.
 MAX_SEED = 2**32 - 1
+#: Every value of ``task``: the built-in tasks, and the objectives for the user's own files.
+TASKS = (*BUILTIN_TASKS, *FILE_TASKS)
+#: Options added after runs were first recorded: in a run's identity only when set, so older runs keep theirs.
+RECORDED_WHEN_SET = ("trust_remote_code", "load_in_4bit", "load_in_8bit")
+#: Options that mean nothing to a causal-LM run (it has no classes, no head, no built-in data).
+CLASSIFICATION_OPTIONS = ("data_dir", "image_root", "text_pair_column", "label_column", "pooling", "head_only")
 
 
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -64,7 +70,7 @@ class TrainOptions:
     """Everything that defines a run. Field names are the config-file keys and (with dashes) the flags."""
 
     # What to train on
-    task: Optional[Text] = None  # a built-in task; default wordnet-supersense unless files are given
+    task: Optional[Text] = None  # a built-in task or causal-lm; default wordnet-supersense unless files are given
     data_dir: Optional[Text] = None  # local copy of a built-in task's data (GLUE files, Fashion-MNIST IDX files)
     train_file: Optional[Text] = None
     validation_file: Optional[Text] = None
@@ -80,6 +86,8 @@ class TrainOptions:
     pooling: Optional[Literal["mean", "cls"]] = None  # default: the checkpoint's own (mean for sentence-transformers)
     max_length: Positive = 128  # at most the model's positions (checked when its config is read)
     trust_remote_code: bool = False  # run code shipped in a model folder (its config's auto_map): only if you trust it
+    load_in_4bit: bool = False  # QLoRA: the frozen base quantized by bitsandbytes (nf4, nested statistics); causal-lm
+    load_in_8bit: bool = False  # the frozen base in bitsandbytes int8 (LLM.int8()); causal-lm
     # The adapter
     construction: Text = "qkv_depth"
     factorization: Optional[Text] = None
@@ -118,8 +126,8 @@ class TrainOptions:
     @field_validator("task")
     @classmethod
     def _known_task(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and value not in BUILTIN_TASKS:
-            raise ValueError(f"unknown task '{value}'; choose one of {', '.join(BUILTIN_TASKS)}")
+        if value is not None and value not in TASKS:
+            raise ValueError(f"unknown task '{value}'; choose one of {', '.join(TASKS)}")
         return value
 
     @field_validator("budget")
@@ -154,11 +162,15 @@ class TrainOptions:
             value = getattr(self, name)
             if value and os.path.exists(value):
                 setattr(self, name, os.path.abspath(value))
+        self._check_quantization()
+        if self.task == CAUSAL_LM_TASK:
+            self._check_causal_lm()
         if not (self.task or self.train_file or self.image_root):  # the default run: a few minutes on 2 cores
             self.task = DEFAULT_TASK
             self.max_train_samples = self.max_train_samples or DEFAULT_RUN_SAMPLES["max_train_samples"]
             self.max_eval_samples = self.max_eval_samples or DEFAULT_RUN_SAMPLES["max_eval_samples"]
-        if sum(bool(source) for source in (self.task, self.train_file, self.image_root and not self.task)) > 1:
+        builtin_task = self.task if self.task in BUILTIN_TASKS else None
+        if sum(bool(source) for source in (builtin_task, self.train_file, self.image_root and not self.task)) > 1:
             raise ValueError("Give one source of data: --task (with --data-dir or --image-root for local copies), "
                              "--train-file, or --image-root alone for your own image folder.")
         if self.data_dir and not self.task:
@@ -170,6 +182,26 @@ class TrainOptions:
                              "know their columns).")
         if not self.head_only:
             self._check_adapter()
+
+    def _check_quantization(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit are two ways to quantize the base: give one of them.")
+        if self.quantization and self.task != CAUSAL_LM_TASK:
+            raise ValueError(f"--load-in-{self.quantization} quantizes the base of a causal-LM run: give --task "
+                             f"{CAUSAL_LM_TASK} (classification runs train on an unquantized base).")
+
+    def _check_causal_lm(self) -> None:
+        """A causal-LM run learns the user's own texts with the user's own causal LM (no default fits it)."""
+        given = [f"--{name.replace('_', '-')}" for name in CLASSIFICATION_OPTIONS if getattr(self, name)]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to --task {CAUSAL_LM_TASK} (no classes, no head, no "
+                             "built-in data): drop them.")
+        if not self.train_file:
+            raise ValueError(f"--task {CAUSAL_LM_TASK} learns your texts: give --train-file (JSON lines, CSV... with a "
+                             "text column, or prompt and completion columns).")
+        if not self.model:
+            raise ValueError(f"--task {CAUSAL_LM_TASK} needs --model: a causal language model (a local folder or a "
+                             "hub id, e.g. a LLaMA-family checkpoint).")
 
     def _check_adapter(self) -> None:
         """Construction, ranks, roles... checked by ``TensLoraConfig`` itself (no model needed); its message is
@@ -188,6 +220,11 @@ class TrainOptions:
         return self.task or CUSTOM_TASK
 
     @property
+    def quantization(self) -> Optional[str]:
+        """How the base is quantized: ``"4bit"``, ``"8bit"`` or None."""
+        return "4bit" if self.load_in_4bit else "8bit" if self.load_in_8bit else None
+
+    @property
     def method(self) -> str:
         """A short name of the adapter, for default output folders and reports."""
         if self.head_only:
@@ -197,13 +234,14 @@ class TrainOptions:
     def identity(self) -> dict[str, Any]:
         """The options that make two runs different (not where they are written, nor how fast they run).
 
-        ``trust_remote_code`` is recorded only when granted, so runs made before the option keep their identity.
+        Options added later (``RECORDED_WHEN_SET``) are recorded only when set, so older runs keep their identity.
         """
         data = dataclasses.asdict(self)
         for key in ("output_dir", "resume", "threads"):
             data.pop(key)
-        if not data["trust_remote_code"]:
-            data.pop("trust_remote_code")
+        for key in RECORDED_WHEN_SET:
+            if not data[key]:
+                data.pop(key)
         return json.loads(json.dumps(data))  # the JSON form, as recorded in run.json
 
     def check_model_limits(self, model_config: Any, preprocessor: Any = None) -> None:

@@ -9,6 +9,7 @@ the data are known to be good: a refused command leaves the folder as it was.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +30,15 @@ from transformers import (
 
 from . import inputs
 from .api import count_parameters, resolved_ranks
-from .modeling import build_classifier, default_model, load_preprocessor, load_trained_model, resolve_pooling
+from .data import CAUSAL_LM_TASK, CausalLmCollator
+from .modeling import (
+    build_causal_lm,
+    build_classifier,
+    default_model,
+    load_preprocessor,
+    load_trained_model,
+    resolve_pooling,
+)
 from .options import DATA_SOURCE_KEYS, TrainOptions, adapter_config, options_from_mapping
 from .runs import (
     HISTORY_FILE,
@@ -49,6 +58,12 @@ from .runs import (
 )
 
 HEAD_NAMES = ("classifier", "score")  # what transformers calls the head (and PEFT trains for SEQ_CLS)
+#: By modality: PEFT's task type of the adapted model, and the new modules trained (and saved) beside the adapter.
+ADAPTED: dict[str, tuple[str | None, list[str] | None]] = {
+    "text": ("SEQ_CLS", None),  # PEFT knows the SEQ_CLS heads itself
+    "image": (None, ["classifier"]),
+    CAUSAL_LM_TASK: ("CAUSAL_LM", None),  # no new module: the model's own LM head stays frozen
+}
 
 
 @dataclass
@@ -111,19 +126,18 @@ def prepare(options: TrainOptions) -> Prepared:
     model_name = options.model or default_model(data.modality)
     # first: it names a model that cannot be loaded
     preprocessor = load_preprocessor(model_name, data.modality, options.trust_remote_code)
-    pooling = resolve_pooling(model_name, options.pooling) if data.modality == "text" else None
     set_seed(options.seed)  # the head's and the adapter's initialization
-    model = build_classifier(model_name, data.labels, data.modality, pooling,
-                             pad_token_id=getattr(preprocessor, "pad_token_id", None),
-                             trust_remote_code=options.trust_remote_code)
+    model, pooling = base_model(options, model_name, data, preprocessor)
     options.check_model_limits(model.config, preprocessor)  # max_length within the model's positions
     run = {"options": options.identity(), "model": model_name, "modality": data.modality, "pooling": pooling,
            "labels": list(data.labels)}
+    if options.quantization:
+        run["quantization"] = options.quantization  # how eval, merge and export-lora load the base again
     if options.head_only:
         freeze_all_but_head(model)
     else:
-        task_type = "SEQ_CLS" if data.modality == "text" else None
-        config = adapter_config(options, model.config, task_type, modules_to_save=None if task_type else ["classifier"])
+        task_type, modules_to_save = ADAPTED[data.modality]
+        config = adapter_config(options, model.config, task_type, modules_to_save=modules_to_save)
         run["adapter_parameters"] = count_parameters(config, model.config)
         run["adapter"] = {"construction": config.construction, "factorization": config.factorization,
                           "ranks": resolved_ranks(config, model.config)}
@@ -132,6 +146,20 @@ def prepare(options: TrainOptions) -> Prepared:
     with process_state().main_process_first():
         data = inputs.encode(data, preprocessor, options)
     return Prepared(model, preprocessor, data, run)
+
+
+def base_model(options: TrainOptions, model_name: str, data: inputs.TaskData, preprocessor: Any,
+               ) -> tuple[nn.Module, str | None]:
+    """The model the adapter goes on, and its pooling: a causal LM with its own head (maybe quantized, computing
+    in bfloat16 where the run trains in it), or a classifier with a new head over the data's classes."""
+    if data.modality == CAUSAL_LM_TASK:
+        compute_dtype = torch.bfloat16 if use_bf16(options.bf16) else torch.float32
+        return build_causal_lm(model_name, options.quantization, compute_dtype, process_state().device,
+                               options.trust_remote_code), None
+    pooling = resolve_pooling(model_name, options.pooling) if data.modality == "text" else None
+    return build_classifier(model_name, data.labels, data.modality, pooling,
+                            pad_token_id=getattr(preprocessor, "pad_token_id", None),
+                            trust_remote_code=options.trust_remote_code), pooling
 
 
 def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArguments:
@@ -184,13 +212,38 @@ class DivergenceCheck(TrainerCallback):
                 + (f"the last good checkpoint, '{kept}', is kept." if kept else "nothing of this run was saved."))
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``: the number of equally likely tokens the model hesitates between, on average (inf past
+    what a float holds)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+class CausalLmTrainer(Trainer):
+    """The Trainer of a causal LM: an evaluation gathers the loss alone (not vocabulary-sized logits for every
+    token of the split), and reports the perplexity, ``exp(loss)``, beside it (in history.csv and metrics.json)."""
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, True, ignore_keys, metric_key_prefix)
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = perplexity(loss)
+        return output
+
+
 def make_trainer(prepared: Prepared, arguments: TrainingArguments, callbacks: list | None = None) -> Trainer:
+    shared = dict(model=prepared.model, args=arguments, train_dataset=prepared.data.splits["train"],
+                  eval_dataset=prepared.data.splits["validation"], processing_class=prepared.preprocessor,
+                  callbacks=callbacks)
+    if prepared.data.modality == CAUSAL_LM_TASK:
+        # A causal LM's loss takes the Trainer's token count (num_items_in_batch): its loss accounting stays on.
+        return CausalLmTrainer(**shared, data_collator=CausalLmCollator(prepared.preprocessor.pad_token_id))
     collator = (DataCollatorWithPadding(prepared.preprocessor) if prepared.data.modality == "text"
                 else default_data_collator)
-    trainer = Trainer(model=prepared.model, args=arguments, train_dataset=prepared.data.splits["train"],
-                      eval_dataset=prepared.data.splits["validation"], data_collator=collator,
-                      processing_class=prepared.preprocessor, compute_metrics=prepared.data.compute_metrics,
-                      callbacks=callbacks)
+    trainer = Trainer(**shared, data_collator=collator, compute_metrics=prepared.data.compute_metrics)
     # Every head here returns the mean loss of its batch. Seeing `**kwargs` in `forward`, the Trainer would
     # assume a loss summed over `num_items_in_batch`: it would multiply the loss by the number of processes
     # and not divide it by the gradient-accumulation steps (2x the gradient on 2 processes or with 2 steps).
@@ -280,6 +333,8 @@ def evaluate_run(run_dir: str, split: str = "test", overrides: dict[str, Any] | 
     if any(key in overrides for key in DATA_SOURCE_KEYS):
         for key in DATA_SOURCE_KEYS:
             recorded.pop(key, None)
+        if run["modality"] == CAUSAL_LM_TASK:  # other files, the same objective
+            overrides.setdefault("task", CAUSAL_LM_TASK)
     options = options_from_mapping({**recorded, **overrides})
     torch.set_num_threads(options.threads or 1)
     model, preprocessor = load_trained_model(run_dir, run)

@@ -17,18 +17,20 @@ from .splits import complete_splits, subsample
 from .wordnet import wordnet_splits
 
 DEFAULT_TASK = "wordnet-supersense"
+CAUSAL_LM_TASK = "causal-lm"
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A classification task: how to read its data, which columns feed the model, and how it is scored.
+    """A task: how to read its data, which columns feed the model, and how it is scored.
 
-    ``load`` returns a ``DatasetDict`` with a ``train`` split, maybe ``validation`` and ``test`` splits, and a
-    ``label`` column; ``load_task`` checks it and completes the splits.
+    For classification (``text``, ``image``), ``load`` returns a ``DatasetDict`` with a ``train`` split, maybe
+    ``validation`` and ``test`` splits, and a ``label`` column; ``load_task`` checks it and completes the splits.
+    Causal-LM data (``causal_lm.py``) has no label: its model learns the text itself.
     """
 
     name: str
-    modality: Literal["text", "image"]
+    modality: Literal["text", "image", "causal-lm"]
     load: Callable[[], DatasetDict]
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -65,6 +67,11 @@ BUILTIN_TASKS: dict[str, tuple[Loader, dict[str, Any]]] = {
 """Each task's loader and ``TaskSpec`` fields. Sources: wordnet-supersense, the shipped file (or another built by
 ``scripts/build_wordnet_dataset.py``); GLUE, a folder of files (``--data-dir``); eurosat and dtd, an image folder
 (``--image-root``); fashion-mnist, a folder of IDX files (``--data-dir``)."""
+
+FILE_TASKS: dict[str, str] = {
+    CAUSAL_LM_TASK: "causal language modelling of your --train-file (a text column, or prompt and completion)",
+}
+"""Tasks with no data of their own: a training objective for the user's files (``--task causal-lm --train-file``)."""
 
 
 def get_task(name: str, source: str | None = None) -> TaskSpec:

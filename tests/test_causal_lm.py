@@ -1,0 +1,220 @@
+"""`tenslora train --task causal-lm`: a tiny LLaMA saved to a folder, fine-tuned on texts or prompt/completion pairs,
+then evaluated, resumed, merged and exported; on an fp32, a 4-bit and an 8-bit base."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from datasets import Dataset, DatasetDict
+from peft import PeftModel
+
+import tenslora
+import tiny_llm
+from tenslora.cli import main
+from tenslora.data import CausalLmCollator, DataError, tokenize_causal_lm
+from tenslora.data.causal_lm import IGNORE_INDEX
+from tenslora.export import export_run, merge_run
+from tenslora.modeling import load_trained_model
+from tenslora.options import TrainOptions
+from tenslora.runs import read_run
+from tenslora.train import evaluate_run, prepare, run_training
+
+FAST = dict(task="causal-lm", epochs=2, batch_size=8, lr=1e-2, max_length=32, bf16=False)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """The tiny LLaMA of tiny_llm (hidden 32) and one of widths 64/128 (bitsandbytes' CPU 4-bit kernels need
+    64-wide blocks), each saved with its tokenizer; text and prompt/completion files."""
+    root = tmp_path_factory.mktemp("causal")
+    tiny_llm.save_model_folder(root / "llama")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(tiny_llm.tokenizer()), hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(root / "llama64")
+    tiny_llm.tokenizer().save_pretrained(root / "llama64")
+    for split, (count, seed) in {"train": (32, 0), "validation": (8, 1), "test": (8, 2)}.items():
+        _write_jsonl(root / f"text-{split}.jsonl", [{"text": text} for text in tiny_llm.sentences(count, seed)])
+        pairs = zip(tiny_llm.sentences(count, seed + 10, 4), tiny_llm.sentences(count, seed + 20, 3), strict=True)
+        _write_jsonl(root / f"pairs-{split}.jsonl", [{"prompt": prompt, "completion": " " + completion, "id": i}
+                                                     for i, (prompt, completion) in enumerate(pairs)])
+    return root
+
+
+def _files(tiny: Path, kind: str) -> dict[str, str]:
+    return {f"{split}_file": str(tiny / f"{kind}-{split}.jsonl") for split in ("train", "validation", "test")}
+
+
+def _history(run_dir: Path) -> list[dict]:
+    with open(run_dir / "history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_the_prompt_and_the_padding_are_not_learnt():
+    """Labels: -100 on the prompt, the completion's ids then end-of-text; the collator pads labels with -100."""
+    tokenizer = tiny_llm.tokenizer()
+    data = DatasetDict({"train": Dataset.from_dict({"prompt": ["the cat sat", "a dog"],
+                                                    "completion": [" on the mat", " ran"]})})
+    encoded = tokenize_causal_lm(data, tokenizer, max_length=32)["train"]
+    ids = tokenizer("the cat sat on the mat")["input_ids"]
+    assert encoded[0]["input_ids"] == [*ids, tokenizer.eos_token_id]
+    assert encoded[0]["labels"] == [IGNORE_INDEX] * 3 + [*ids[3:], tokenizer.eos_token_id]
+    batch = CausalLmCollator(tokenizer.pad_token_id)([encoded[0], encoded[1]])
+    assert batch["input_ids"][1].tolist() == [*tokenizer("a dog ran")["input_ids"], 2, 0, 0, 0]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert batch["labels"][1].tolist() == [IGNORE_INDEX] * 2 + [tokenizer.convert_tokens_to_ids("ran"), 2] + [
+        IGNORE_INDEX] * 3
+    # The model's loss with these labels is the cross-entropy of the completion tokens alone.
+    model = tiny_llm.llama_causal_lm()
+    with torch.no_grad():
+        output = model(**batch)
+    logits, targets = output.logits[:, :-1], batch["labels"][:, 1:]
+    kept = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[kept], targets[kept])
+    torch.testing.assert_close(output.loss, expected)
+    assert kept.sum() == 4 + 2  # "on the mat" + end, "ran" + end
+
+
+def test_texts_are_learnt_whole_and_cut_to_max_length():
+    tokenizer = tiny_llm.tokenizer()
+    data = DatasetDict({"train": Dataset.from_dict({"text": ["the cat sat on the mat"]})})
+    row = tokenize_causal_lm(data, tokenizer, max_length=4)["train"][0]
+    assert row["input_ids"] == row["labels"] == tokenizer("the cat sat on")["input_ids"]
+    pairs = DatasetDict({"train": Dataset.from_dict({"prompt": ["the cat sat on the"], "completion": [" mat"]})})
+    with pytest.raises(DataError, match="no token to learn within --max-length 5"):
+        tokenize_causal_lm(pairs, tokenizer, max_length=5)
+    with pytest.raises(DataError, match="empty or non-text 'completion'"):
+        tokenize_causal_lm(DatasetDict({"train": Dataset.from_dict({"prompt": ["a"], "completion": [""]})}),
+                           tokenizer, max_length=8)
+
+
+def test_text_run_writes_loss_and_perplexity_then_evaluates(tiny, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_training(TrainOptions(model=str(tiny / "llama"), output_dir=str(out), **_files(tiny, "text"), **FAST))
+    for split in ("validation", "test"):
+        assert metrics[split]["perplexity"] == pytest.approx(math.exp(metrics[split]["loss"]))
+    history = _history(out)
+    assert [float(row["epoch"]) for row in history] == [1.0, 2.0]
+    assert all(float(row["eval_perplexity"]) == pytest.approx(math.exp(float(row["eval_loss"]))) for row in history)
+    assert float(history[1]["eval_loss"]) < float(history[0]["eval_loss"])  # it learns the words' frequencies
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    run = read_run(out)
+    assert run["modality"] == "causal-lm" and run["labels"] == [] and "quantization" not in run
+    assert metrics["trainable_parameters"] == metrics["adapter_parameters"] > 0  # no new head
+    evaluated = evaluate_run(str(out))
+    assert evaluated["test_loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-5)
+    validation = evaluate_run(str(out), "validation", {"test_file": str(tiny / "pairs-test.jsonl"),
+                                                        "train_file": str(tiny / "pairs-train.jsonl")})
+    assert validation["validation_perplexity"] == pytest.approx(math.exp(validation["validation_loss"]))
+
+
+def test_prompt_completion_run_resumes_from_its_last_checkpoint(tiny, tmp_path):
+    """An interrupted run (its last checkpoint and metrics gone) continues from the first epoch's checkpoint."""
+    out = tmp_path / "run"
+    options = dict(model=str(tiny / "llama"), output_dir=str(out), **_files(tiny, "pairs"), **FAST)
+    first = run_training(TrainOptions(**options))
+    assert run_training(TrainOptions(**options, resume=True)) == json.loads(json.dumps(first))
+    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    shutil.rmtree(checkpoints[-1])
+    (out / "metrics.json").unlink()
+    resumed = run_training(TrainOptions(**options, resume=True))
+    assert resumed["resumed_from"] == str(checkpoints[0]) and resumed["steps"] == first["steps"]
+    assert [float(row["epoch"]) for row in _history(out)] == [1.0, 2.0]
+    assert resumed["test"]["loss"] == pytest.approx(first["test"]["loss"], rel=1e-4)
+
+
+def test_all_linear_run_merges_and_exports(tiny, tmp_path):
+    """Every attention and MLP projection adapted; the merged model and the exported LoRA give the run's logits."""
+    out = tmp_path / "run"
+    metrics = run_training(TrainOptions(model=str(tiny / "llama"), output_dir=str(out), roles="all-linear",
+                                        ranks=4, **_files(tiny, "pairs"), **FAST))
+    config = transformers.AutoConfig.from_pretrained(tiny / "llama")
+    expected = tenslora.count_parameters(tenslora.TensLoraConfig(construction="qkv_depth", ranks=4,
+                                                                 roles="all-linear"), config)
+    assert metrics["adapter_parameters"] == expected
+    adapted, tokenizer = load_trained_model(str(out), read_run(out))
+    ids = tokenizer(tiny_llm.sentences(2, seed=7), return_tensors="pt")["input_ids"]
+    merge_run(str(out), str(tmp_path / "merged"))
+    export_run(str(out), str(tmp_path / "lora"))
+    with torch.no_grad():
+        logits = adapted.eval()(input_ids=ids).logits
+        base = transformers.AutoModelForCausalLM.from_pretrained(tiny / "llama").eval()
+        assert not torch.allclose(base(input_ids=ids).logits, logits, atol=1e-4)  # the adapter changed something
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-4)
+        lora = PeftModel.from_pretrained(base, str(tmp_path / "lora")).eval()
+        torch.testing.assert_close(lora(input_ids=ids).logits, logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_trains_evaluates_and_merges_dense(tiny, tmp_path, bits):
+    bnb = pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    options = TrainOptions(model=str(tiny / "llama64"), output_dir=str(out), roles="all-linear",
+                           **{f"load_in_{bits}": True}, **_files(tiny, "pairs"), **{**FAST, "epochs": 1})
+    layer = prepare(options).model.base_model.model.model.layers[0].mlp.down_proj.get_base_layer()
+    assert isinstance(layer, bnb.nn.Linear4bit if bits == "4bit" else bnb.nn.Linear8bitLt)
+    metrics = run_training(options)
+    assert metrics["steps"] == 4 and math.isfinite(metrics["test"]["loss"])
+    assert read_run(out)["quantization"] == bits and metrics["options"][f"load_in_{bits}"] is True
+    assert evaluate_run(str(out))["test_loss"] == pytest.approx(metrics["test"]["loss"], rel=1e-3)
+    # The merged model is plain (no bitsandbytes layer) and computes what the run trained: the dequantized base
+    # plus the update.
+    merge_run(str(out), str(tmp_path / "merged"))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert "quantization_config" not in merged.config.to_dict()
+    adapted, tokenizer = load_trained_model(str(out), read_run(out))
+    ids = tokenizer(tiny_llm.sentences(2, seed=7), return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits
+        original = transformers.AutoModelForCausalLM.from_pretrained(tiny / "llama64").eval()(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (got - expected).abs().max() < 0.05 * (original - expected).abs().max()  # the run's, not the base's
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--load-in-4bit", "--load-in-8bit"], ["--load-in-4bit", "--load-in-8bit"]),
+    (["--label-column", "y"], ["--label-column", "causal-lm"]),
+    (["--head-only"], ["--head-only"]),
+    (["--pooling", "mean"], ["--pooling"]),
+])
+def test_bad_combinations_are_one_line_errors(tiny, tmp_path, capsys, extra, words):
+    argv = ["train", "--task", "causal-lm", "--train-file", str(tiny / "text-train.jsonl"), "--model",
+            str(tiny / "llama"), "--output-dir", str(tmp_path / "out"), *extra]
+    line = _error_line(capsys, argv)
+    assert all(word in line for word in words), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_pieces_are_one_line_errors(tiny, tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path / "out")]
+    assert "--train-file" in _error_line(capsys, ["train", "--task", "causal-lm", "--model", "m", *out])
+    assert "--model" in _error_line(capsys, ["train", "--task", "causal-lm", "--train-file", "x.jsonl", *out])
+    line = _error_line(capsys, ["train", "--load-in-8bit", *out])
+    assert "--task causal-lm" in line
+    table = _write_jsonl(tmp_path / "table.jsonl", [{"question": "a", "answer": "b"}] * 4)
+    line = _error_line(capsys, ["train", "--task", "causal-lm", "--train-file", str(table), "--model",
+                                str(tiny / "llama"), *out])
+    assert "'prompt' and 'completion'" in line and "--text-column" in line
+    assert not (tmp_path / "out").exists()
