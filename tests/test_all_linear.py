@@ -9,9 +9,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import tenslora
+from dense import dense_slice, dense_tensor
 from tenslora import TensLoraConfig
 from tenslora.cli import main
-from tenslora.construction import CONSTRUCTIONS
+from tenslora.construction import CONSTRUCTIONS, get_construction
 from tenslora.params import format_parameter_table
 from tiny import bert, distilbert, gpt2, inputs, llama
 
@@ -35,36 +36,24 @@ ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
 SCALING = 0.5
 
 
-def dense_tensor(tensor) -> torch.Tensor:
-    """The full tensor from its factors, by tensorly (modes in the tensor's own order)."""
-    factors = [tensor.factors[mode].detach() for mode in tensor.modes]
-    if hasattr(tensor, "core"):
-        return tl.tucker_to_tensor((tensor.core.detach(), factors))
-    return tl.cp_to_tensor((torch.ones(factors[0].shape[1]), factors))
-
-
 def expected_update(bank, construction: str, roles: tuple[str, ...], role: str, layer: int,
-                    widths: dict[str, int]) -> torch.Tensor:
-    """The (d_out x d_in) update of ``role`` in ``layer``, read from the dense tensor by this test's own rules:
-    one tensor per family, att_* splits heads only for attention, k/v rows are the first ones, o/down transposed."""
-    spec = CONSTRUCTIONS[construction]
+                    widths: dict[str, int], layers: int = 2) -> torch.Tensor:
+    """The (d_out x d_in) update of ``role`` in ``layer``, read from tensorly's full tensor by this test's own rules:
+    one tensor per family, att_* splits heads only for attention, k/v rows are the first ones, o/down transposed,
+    a fused mode indexed role * L + layer."""
+    spec = get_construction(construction)
     family = MLP if role in MLP else ATTENTION
     family_roles = [r for r in roles if r in family]
     name = "" if family is ATTENTION else "mlp"
     key = "_".join(p for p in [name if spec.stack_roles else role, "" if spec.stack_layers else f"layer{layer}"] if p)
     tensor = bank.tensors[key or "all"]
-    full = dense_tensor(tensor)
-    dims = {mode: i for i, mode in enumerate(tensor.modes)}
-    selector = [slice(None)] * full.dim()
-    if spec.stack_roles:
-        selector[dims["qkv"]] = family_roles.index(role)
-    if spec.stack_layers:
-        selector[dims["depth"]] = layer
-    sliced = full[tuple(selector)]  # in, out | in, head_dim, heads
-    if sliced.dim() == 3:  # Hugging Face's head-major features: o = head * head_dim + j
-        sliced = sliced.permute(0, 2, 1).reshape(sliced.shape[0], -1)
-    update = sliced.T[: widths[role]]
     assert role not in MLP or tensor.modes[1] == "out"  # no head split on MLP tensors
+    if spec.fused:
+        index = {"qkv_depth": family_roles.index(role) * layers + layer}
+    else:
+        index = {"qkv": family_roles.index(role)} if spec.stack_roles else {}
+        index |= {"depth": layer} if spec.stack_layers else {}
+    update = dense_slice(dense_tensor(tensor), tensor.modes, index)[: widths[role]]
     return update.T if role in ("o", "down") else update
 
 
@@ -89,6 +78,12 @@ def adapter_numel(model) -> int:
 @pytest.mark.parametrize("construction", list(CONSTRUCTIONS))
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_all_linear_is_the_dense_update_of_every_block_linear(name, construction, factorization):
+    check_dense_updates(name, construction, factorization)
+
+
+def check_dense_updates(name: str, construction: str, factorization: str) -> None:
+    """An all-linear adapter on a tiny model = the base model with the dense updates added; merging gives it too;
+    parameter count = numel."""
     base = BUILD[name]()
     reference = copy.deepcopy(base)
     torch.manual_seed(0)

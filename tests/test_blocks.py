@@ -13,6 +13,7 @@ import transformers
 from peft import PeftModel, get_peft_model
 
 import tenslora
+from dense import dense_tensor
 from tenslora import TensLoraConfig
 from tiny import TEXT, bert, gemma, gpt2, inputs, llama
 
@@ -45,16 +46,6 @@ WIDTHS = {"gemma": {"q": 64, "k": 16, "v": 16, "o": 64, "gate": 37, "up": 37, "d
 D, LAYERS, SCALING = 32, 2, 0.5
 #: fp32 through a whole model with random (init_weights=False) tensor-train cores: updates of order one.
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
-
-
-def dense_tensor(tensor) -> torch.Tensor:
-    """The full tensor from its factors, by tensorly (modes in the tensor's own order)."""
-    factors = [tensor.factors[mode].detach() for mode in tensor.modes]
-    if hasattr(tensor, "core"):
-        return tl.tucker_to_tensor((tensor.core.detach(), factors))
-    if factors[1].dim() == 3:  # tensor-train cores; the outer ones without their bond of size 1
-        return tl.tt_to_tensor([factors[0][None], *factors[1:-1], factors[-1][..., None]])
-    return tl.cp_to_tensor((torch.ones(factors[0].shape[1]), factors))
 
 
 def expected_update(bank, name: str, construction: str, role: str, layer: int) -> torch.Tensor:

@@ -6,23 +6,13 @@ import pytest
 import tensorly as tl
 import torch
 
+from dense import dense_slice
 from tenslora.construction import CONSTRUCTIONS, Geometry
 from tenslora.factorization import CPTensor, TuckerTensor
 
 tl.set_backend("pytorch")
 
 GEOMETRY = Geometry(hidden_size=12, attention_width=8, num_layers=3, roles=("q", "k", "v"), num_heads=2)
-
-
-def _dense_slice(full: torch.Tensor, modes: tuple[str, ...], index: dict[str, int]) -> torch.Tensor:
-    """(d_out x d_in) slice of a full tensor, with the head-major layout written out explicitly."""
-    for mode in ("depth", "qkv"):  # index modes are last; drop them from the end
-        if mode in modes:
-            full = full.select(modes.index(mode), index[mode])
-    if "heads" in modes:  # full: (in, head_dim, heads) -> rows h * head_dim + j
-        d_in, head_dim, heads = full.shape
-        return full.permute(2, 1, 0).reshape(heads * head_dim, d_in)
-    return full.T
 
 
 def _randomize(tensor: torch.nn.Module) -> None:
@@ -46,7 +36,7 @@ def test_tucker_slices_match_tensorly(name):
     _randomize(tensor)
     full = tl.tucker_to_tensor((tensor.core, [tensor.factors[m] for m in construction.modes]))
     for index in _indices(construction.modes, sizes):
-        expected = _dense_slice(full, construction.modes, index)
+        expected = dense_slice(full, construction.modes, index)
         torch.testing.assert_close(tensor.slice_matrix(index), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -58,7 +48,7 @@ def test_cp_slices_match_tensorly(name):
     _randomize(tensor)
     full = tl.cp_to_tensor((torch.ones(5), [tensor.factors[m] for m in construction.modes]))
     for index in _indices(construction.modes, sizes):
-        expected = _dense_slice(full, construction.modes, index)
+        expected = dense_slice(full, construction.modes, index)
         torch.testing.assert_close(tensor.slice_matrix(index), expected, atol=1e-5, rtol=1e-5)
 
 

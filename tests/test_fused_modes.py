@@ -6,11 +6,13 @@ import torch
 from peft import get_peft_model
 
 import tenslora
+from dense import dense_slice, dense_tensor
 from tenslora import TensLoraConfig
 from tenslora.budget import count_adapter_parameters, lora_parameter_count, match_budget
 from tenslora.construction import FUSED_CONSTRUCTIONS, Geometry, get_construction, slice_index
 from tenslora.factorization import CPTensor, TuckerTensor
-from test_tensor_train import BERT_BASE, GEOMETRY, check_dense_updates, dense_slice, dense_tensor, indices
+from test_all_linear import check_dense_updates
+from test_tensor_train import BERT_BASE, GEOMETRY, indices
 from tiny import bert, gpt2
 
 FUSED = sorted(FUSED_CONSTRUCTIONS)

@@ -1,7 +1,6 @@
 """Tensor-train tensors (factorization="tt") against an independent dense reconstruction (tensorly.tt_to_tensor):
 every construction, slice orientation and head layout; init; rank specs; counts, budgets, merging, saving."""
 
-import copy
 import itertools
 import warnings
 
@@ -12,13 +11,13 @@ import torch._dynamo as dynamo
 from peft import PeftModel, get_peft_model
 
 import tenslora
+from dense import dense_slice, dense_tensor
 from tenslora import TensLoraConfig
 from tenslora.budget import count_adapter_parameters, lora_parameter_count, match_budget
 from tenslora.construction import CONSTRUCTIONS, FUSED_CONSTRUCTIONS, Geometry, get_construction, resolve_tt_ranks
-from tenslora.factorization import CPTensor, TuckerTensor
 from tenslora.params import format_parameter_table
 from tenslora.tensor_train import TensorTrainTensor
-from test_all_linear import ATTENTION, BUILD, MLP, MODULES, SCALING, adapter_numel, outputs, role_widths
+from test_all_linear import BUILD, adapter_numel, check_dense_updates, outputs
 from tiny import bert, inputs, llama
 
 tl.set_backend("pytorch")
@@ -26,28 +25,6 @@ tl.set_backend("pytorch")
 ALL_CONSTRUCTIONS = sorted({**CONSTRUCTIONS, **FUSED_CONSTRUCTIONS})
 GEOMETRY = Geometry(hidden_size=12, attention_width=8, num_layers=3, roles=("q", "k", "v"), num_heads=2)
 BERT_BASE = Geometry(hidden_size=768, attention_width=768, num_layers=12, roles=("q", "k", "v"), num_heads=12)
-
-
-def dense_tensor(tensor) -> torch.Tensor:
-    """The full tensor by tensorly, modes in the tensor's own order."""
-    factors = [tensor.factors[mode].detach() for mode in tensor.modes]
-    if isinstance(tensor, TensorTrainTensor):  # tensorly's cores all have both bonds: (1 x n_1 x r_1) ... (r x n_n x 1)
-        return tl.tt_to_tensor([factors[0].unsqueeze(0), *factors[1:-1], factors[-1].unsqueeze(-1)])
-    if isinstance(tensor, TuckerTensor):
-        return tl.tucker_to_tensor((tensor.core.detach(), factors))
-    assert isinstance(tensor, CPTensor)
-    return tl.cp_to_tensor((torch.ones(tensor.rank), factors))
-
-
-def dense_slice(full: torch.Tensor, modes: tuple[str, ...], index: dict[str, int]) -> torch.Tensor:
-    """(d_out x d_in) slice at ``index``, Hugging Face's head-major rows (o = head * head_dim + j) written out."""
-    for position in reversed(range(len(modes))):  # the index modes come last: select from the end
-        if modes[position] in index:
-            full = full.select(position, index[modes[position]])
-    if full.dim() == 3:  # in, head_dim, heads
-        d_in, head_dim, heads = full.shape
-        return full.permute(2, 1, 0).reshape(heads * head_dim, d_in)
-    return full.T
 
 
 def indices(modes: tuple[str, ...], sizes: dict[str, int]):
@@ -136,57 +113,6 @@ def test_gradients_reach_the_zero_core_through_a_peft_model():
     assert tensor.factors["head_dim"].grad.abs().max() > 0  # the zero core learns from the first step
     for mode in ("in", "heads", "qkv", "depth"):  # the others' gradients pass through the zero core: zero at init
         assert torch.count_nonzero(tensor.factors[mode].grad) == 0
-
-
-def _expected_update(bank, construction: str, roles: tuple[str, ...], role: str, layer: int,
-                     widths: dict[str, int], layers: int = 2) -> torch.Tensor:
-    """The (d_out x d_in) update of ``role`` in ``layer`` read from tensorly's full tensor by this test's own rules:
-    one tensor per family, k/v rows first, o/down transposed, a fused mode indexed role * L + layer."""
-    spec = get_construction(construction)
-    family = MLP if role in MLP else ATTENTION
-    family_roles = [r for r in roles if r in family]
-    name = "" if family is ATTENTION else "mlp"
-    key = "_".join(p for p in [name if spec.stack_roles else role, "" if spec.stack_layers else f"layer{layer}"] if p)
-    tensor = bank.tensors[key or "all"]
-    if spec.fused:
-        index = {"qkv_depth": family_roles.index(role) * layers + layer}
-    else:
-        index = {"qkv": family_roles.index(role)} if spec.stack_roles else {}
-        index |= {"depth": layer} if spec.stack_layers else {}
-    update = dense_slice(dense_tensor(tensor), tensor.modes, index)[: widths[role]]
-    return update.T if role in ("o", "down") else update
-
-
-def check_dense_updates(name: str, construction: str, factorization: str) -> None:
-    """All-linear adapter on a tiny model = the base model with the dense updates added; merging gives it too;
-    parameter count = numel."""
-    base = BUILD[name]()
-    reference = copy.deepcopy(base)
-    torch.manual_seed(0)
-    config = TensLoraConfig(construction=construction, factorization=factorization, ranks=3, roles="all-linear",
-                            scaling=SCALING, init_weights=False)
-    model = get_peft_model(base, config)
-    bank = model.base_model.tenslora_tensors["default"]
-    roles = tuple(MODULES[name])
-    widths = role_widths(reference.config)
-    modules = dict(reference.named_modules())
-    with torch.no_grad():
-        original = outputs(reference, name)
-        for layer in range(2):
-            by_module: dict[str, list[str]] = {}
-            for role in roles:  # GPT-2's c_attn holds q, k and v side by side
-                by_module.setdefault(MODULES[name][role].format(layer), []).append(role)
-            for module_name, fused in by_module.items():
-                delta = SCALING * torch.cat([_expected_update(bank, construction, roles, r, layer, widths)
-                                             for r in fused])
-                modules[module_name].weight += delta.T if name == "gpt2" else delta  # Conv1D stores (in, out)
-        expected = outputs(reference, name)
-        adapted = outputs(model, name)
-    assert (adapted - original).abs().max() > 1e-2
-    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-4)
-    assert adapter_numel(model) == tenslora.count_parameters(config, reference.config)
-    with torch.no_grad():
-        torch.testing.assert_close(outputs(model.merge_and_unload(), name), expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("construction", ALL_CONSTRUCTIONS)
