@@ -90,7 +90,7 @@ class ModelSpec:
 
 MODELS = {
     "bert-base": ModelSpec("classifier", ("q", "k", "v"), ["query", "key", "value"], None, 128),
-    "vit-b16": ModelSpec("classifier", ("q", "k", "v"), ["query", "key", "value"], None, None),
+    "vit-b16": ModelSpec("classifier", ("q", "k", "v"), ["q_proj", "k_proj", "v_proj"], None, None),
     "llama": ModelSpec("score", "all-linear", "all-linear", "SEQ_CLS", 256),
 }
 
@@ -344,13 +344,14 @@ def profile_report(model: str, results: dict[str, list[dict]], top: int = 8) -> 
                      f"{statistics.median(p['op_ms'] for p in runs):,.0f} | "
                      f"{statistics.median(p['wall_s'] for p in runs):.2f} |")
     for variant in ops:
-        reference = "lora" + variant[len(split_variant(variant)[0]):]  # LoRA in the same mode
-        if variant == reference or reference not in ops:
+        adapter, mode = split_variant(variant)
+        reference = "lora" if mode == "eager" else f"lora+{mode}"
+        if adapter in ("floor", "lora") or reference not in ops:
             continue
-        base = ops[reference]
-        difference = {op: [calls - base.get(op, [0.0, 0.0])[0], ms - base.get(op, [0.0, 0.0])[1]]
-                      for op, (calls, ms) in ops[variant].items()}
-        difference.update({op: [-calls, -ms] for op, (calls, ms) in base.items() if op not in ops[variant]})
+        zero = [0.0, 0.0]
+        difference = {op: [a - b for a, b in zip(ops[variant].get(op, zero), ops[reference].get(op, zero),
+                                                 strict=True)]
+                      for op in set(ops[variant]) | set(ops[reference])}
         largest = sorted(difference.items(), key=lambda item: -abs(item[1][1]))[:top]
         lines.append(f"\n{variant} minus {reference}: " + ", ".join(f"{op} {calls:+,.0f} calls {ms:+,.1f} ms"
                                                                    for op, (calls, ms) in largest))
