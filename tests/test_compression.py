@@ -300,6 +300,8 @@ def test_compress_command(tiny, tmp_path, capsys):  # noqa: F811
     assert recorded["adapter_parameters"] == summary["parameters_after"] < summary["parameters_before"]
     assert recorded["adapter"]["ranks"] == summary["ranks_after"] and (small / "tokenizer.json").is_file()
     assert main(["eval", str(small)]) == 0  # a run folder like any other
+    assert main(["compress", str(run), str(tmp_path / "budget"), "--budget", "150"]) == 0
+    assert 75 <= json.loads((tmp_path / "budget" / "metrics.json").read_text())["parameters_after"] <= 300
     assert main(["compress", str(run), str(small), "--ranks", "2"]) == 2  # never into a folder that holds files
     assert main(["compress", str(run), str(tmp_path / "x"), "--ranks", "2", "--energy", "0.9"]) == 2
     assert "Give one of --ranks, --energy and --budget" in capsys.readouterr().err

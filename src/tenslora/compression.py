@@ -163,38 +163,37 @@ def _parts(tensor: FactorizedTensor) -> tuple[torch.Tensor | None, list[torch.Te
                      "LoRA preset) has none. Train with factorization 'tucker' or 'tt' to compress afterwards.")
 
 
-def _rank_names(tensor: FactorizedTensor) -> list[str]:
-    """What carries a rank: the modes (Tucker) or the bonds (tensor-train), in order."""
-    return list(tensor.ranks)
-
-
 def spectra(tensor: FactorizedTensor) -> dict[str, torch.Tensor]:
     """Singular values per mode (Tucker) or per bond (tensor-train) of the tensor the factors represent."""
     core, factors = _parts(tensor)
     values = tt_spectra(factors) if core is None else tucker_spectra(core, factors)
-    return dict(zip(_rank_names(tensor), values, strict=True))
+    return dict(zip(tensor.ranks, values, strict=True))
+
+
+def _state(modes: Sequence[str], core: torch.Tensor | None, factors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of a Tucker tensor (``core`` given) or a tensor-train (``core`` None, ``factors`` its cores)."""
+    state = {f"factors.{mode}": factor.float() for mode, factor in zip(modes, factors, strict=True)}
+    return state if core is None else {"core": core.float(), **state}
 
 
 def truncated(tensor: FactorizedTensor, ranks: Mapping[str, int]) -> FactorizedTensor:
     """A new tensor of the same kind and sizes, HOSVD / TT-rounded to ``ranks`` (each at most the tensor's own)."""
     core, factors = _parts(tensor)
-    names = _rank_names(tensor)
-    raised = {name: (ranks[name], tensor.ranks[name]) for name in names if ranks[name] > tensor.ranks[name]}
+    raised = {name: (ranks[name], held) for name, held in tensor.ranks.items() if ranks[name] > held}
     if raised:
         raise ValueError(f"A truncation cannot raise ranks: {raised} (asked, current).")
-    order = [ranks[name] for name in names]
+    order = [ranks[name] for name in tensor.ranks]
     if core is None:
-        state = dict(zip((f"factors.{m}" for m in tensor.modes), truncate_tt(factors, order), strict=True))
-        result = build_tensor("tt", tensor.sizes, dict(ranks))
+        factors = truncate_tt(factors, order)
     else:
         core, factors = truncate_tucker(core, factors, order)
-        state = {"core": core, **{f"factors.{m}": f for m, f in zip(tensor.modes, factors, strict=True)}}
-        result = build_tensor("tucker", tensor.sizes, dict(ranks))
-    result.load_state_dict({key: value.float() for key, value in state.items()})
+    result = build_tensor("tt" if core is None else "tucker", tensor.sizes, dict(ranks))
+    result.load_state_dict(_state(tensor.modes, core, factors))
     return result
 
 
 def tucker_to_dense(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensor ``core x_1 U_1 ... x_n U_n`` (for fitting and tests: a trained adapter is never formed densely)."""
     for mode, factor in enumerate(factors):
         core = mode_product(core, factor, mode)
     return core
@@ -208,13 +207,14 @@ def tt_to_dense(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     return dense
 
 
-def _truncate_dense(dense: torch.Tensor, kind: str, ranks: Sequence[int]) -> tuple[dict[str, object], torch.Tensor]:
-    """HOSVD (``tucker``: core and factors) or TT-SVD (``tt``: cores) of ``dense``, and the tensor they give back."""
-    if kind == "tt":
+def _truncate_dense(dense: torch.Tensor, tucker: bool,
+                    ranks: Sequence[int]) -> tuple[torch.Tensor | None, list[torch.Tensor], torch.Tensor]:
+    """HOSVD (``tucker``: core and factors) or TT-SVD (None and the cores) of ``dense``, and the tensor they give."""
+    if not tucker:
         cores = truncate_tt(exact_tt(dense), ranks)
-        return {"cores": cores}, tt_to_dense(cores)
+        return None, cores, tt_to_dense(cores)
     core, factors = truncate_tucker(dense, [torch.eye(n, dtype=torch.float64) for n in dense.shape], ranks)
-    return {"core": core, "factors": factors}, tucker_to_dense(core, factors)
+    return core, factors, tucker_to_dense(core, factors)
 
 
 #: The fill-in of entries no update reads (grouped-query k/v padding) stops when a round changes the fit by less than
@@ -230,24 +230,19 @@ def fit(tensor: FactorizedTensor, dense: torch.Tensor, known: torch.Tensor | Non
     of a tensor stacking it with q) are free: they are filled with the fit's own values and the fit repeated
     (hard-impute), rather than pinned to zero, which would cost rank to represent padding.
     """
-    core, _ = _parts(tensor)
-    kind, order = ("tt" if core is None else "tucker"), [tensor.ranks[name] for name in _rank_names(tensor)]
+    tucker, order = _parts(tensor)[0] is not None, list(tensor.ranks.values())
     dense = dense.double().clone()
-    parts, approximation = _truncate_dense(dense, kind, order)
+    core, factors, approximation = _truncate_dense(dense, tucker, order)
     if known is not None and not bool(known.all()):
         for _ in range(FILL_ROUNDS):
             dense[~known] = approximation[~known]
-            parts, new_approximation = _truncate_dense(dense, kind, order)
+            core, factors, new_approximation = _truncate_dense(dense, tucker, order)
             change = float((new_approximation - approximation).norm() / approximation.norm().clamp_min(1e-30))
             approximation = new_approximation
             if change < FILL_TOLERANCE:
                 break
-    if kind == "tt":
-        state = dict(zip((f"factors.{m}" for m in tensor.modes), parts["cores"], strict=True))
-    else:
-        state = {"core": parts["core"], **{f"factors.{m}": f for m, f in zip(tensor.modes, parts["factors"],
-                                                                              strict=True)}}
-    tensor.load_state_dict({key: value.to(tensor.factors["in"].dtype) for key, value in state.items()})
+    tensor.load_state_dict({key: value.to(tensor.factors["in"].dtype)
+                            for key, value in _state(tensor.modes, core, factors).items()})
 
 
 def place_slice(dense: torch.Tensor, tensor: FactorizedTensor, index: Mapping[str, int], matrix: torch.Tensor) -> None:
