@@ -305,4 +305,10 @@ def test_compress_command(tiny, tmp_path, capsys):  # noqa: F811
     assert main(["compress", str(run), str(small), "--ranks", "2"]) == 2  # never into a folder that holds files
     assert main(["compress", str(run), str(tmp_path / "x"), "--ranks", "2", "--energy", "0.9"]) == 2
     assert "Give one of --ranks, --energy and --budget" in capsys.readouterr().err
+    refused = {"energy kept must be in (0, 1]": ["--energy", "1.5"], "Cannot read ranks": ["--ranks", "abc"],
+               "4 modes": ["--ranks", "4,4"], "Cannot read budget": ["--budget", "abc"]}
+    for message, bad in refused.items():
+        assert main(["compress", str(run), str(tmp_path / "x"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()

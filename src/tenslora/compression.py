@@ -22,10 +22,15 @@ from .factorization import FactorizedTensor, TuckerTensor, build_tensor
 from .tensor_train import TensorTrainTensor
 
 
+def check_energy(energy: float) -> float:
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+        raise ValueError(f"The energy kept must be in (0, 1], e.g. 0.99; got {energy!r}.")
+    return float(energy)
+
+
 def energy_rank(singular_values: torch.Tensor, energy: float) -> int:
     """The smallest rank whose kept squared singular values reach ``energy`` of their total (at least 1)."""
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"The energy kept must be in (0, 1], e.g. 0.99; got {energy}.")
+    check_energy(energy)
     squares = singular_values.double() ** 2
     total = squares.sum()
     if total == 0:

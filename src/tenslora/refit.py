@@ -22,7 +22,7 @@ from . import budget as budgets
 from .api import match_budget
 from .bank import TensorBank
 from .blocks import PlannedTensors, plan_tensors
-from .compression import family_energy_ranks, fit, place_slice, truncated
+from .compression import check_energy, family_energy_ranks, fit, place_slice, truncated
 from .config import TensLoraConfig
 from .construction import PRESETS, ROLE_NAMES, RankSpec
 from .layer import Segment, TensLoraLayer
@@ -100,6 +100,14 @@ def _by_family(plan: PlannedTensors) -> dict[str, Any]:
     return dict(plan.ranks) if len(families) > 1 else {families[0]: plan.ranks}
 
 
+def check_compression_target(ranks: RankSpec | None, energy: float | None, budget: object) -> None:
+    """Exactly one of the three ways to give new ranks, and an energy in (0, 1]: checked before any work."""
+    if [ranks, energy, budget].count(None) != 2:
+        raise ValueError("Give exactly one of `ranks`, `energy` and `budget` to compress an adapter.")
+    if energy is not None:
+        check_energy(energy)
+
+
 def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energy: float | None = None,
                      budget: int | None = None, adapter_name: str = "default") -> RefitReport:
     """Truncate a trained Tucker or tensor-train adapter in place to smaller ranks, through its mode spectra.
@@ -111,8 +119,7 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
     ``save_pretrained`` writes an adapter that loads as any other. The tensors are never formed densely.
     """
     config = _adapter(peft_model, adapter_name, TensLoraConfig)
-    if [ranks, energy, budget].count(None) != 2:
-        raise ValueError("Give exactly one of `ranks`, `energy` and `budget` to compress an adapter.")
+    check_compression_target(ranks, energy, budget)
     if config.factorization == "cp":
         raise ValueError("Only Tucker and tensor-train adapters have mode spectra to truncate; this one is CP (or the "
                          "LoRA preset). Train with factorization 'tucker' or 'tt' to compress afterwards.")

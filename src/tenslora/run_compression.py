@@ -12,10 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from .config import TensLoraConfig
 from .lora_export import new_folder
 from .modeling import load_trained_model
-from .options import budget_parameters
-from .refit import compress_adapter
+from .options import budget_parameters, parse_budget
+from .refit import check_compression_target, compress_adapter
 from .runs import METRICS_FILE, RUN_FILE, read_run, write_json
 from .train import evaluate_run
 
@@ -28,10 +29,16 @@ def compress_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ranks: 
 
     With ``evaluate`` both runs are scored on ``split`` (``evaluate_run``), recorded as ``before`` and ``after``.
     """
+    check_compression_target(ranks, energy, budget)
+    if budget is not None:
+        parse_budget(budget)
     run = read_run(run_dir)
     if "adapter" not in run:
         raise ValueError(f"The run in '{run_dir}' trained the classification head only: it has no adapter to "
                          "compress.")
+    if ranks is not None:  # the rank spec's shape, before the model is loaded
+        TensLoraConfig(construction=run["adapter"]["construction"], factorization=run["adapter"]["factorization"],
+                       ranks=ranks)
     model, preprocessor = load_trained_model(str(run_dir), run)
     if budget is not None:
         budget = budget_parameters(budget, model.base_model.model.config, model.peft_config["default"].roles)
