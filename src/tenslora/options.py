@@ -194,8 +194,8 @@ class TrainOptions:
         """A causal-LM run learns the user's own texts with the user's own causal LM (no default fits it)."""
         given = [f"--{name.replace('_', '-')}" for name in CLASSIFICATION_OPTIONS if getattr(self, name)]
         if given:
-            raise ValueError(f"{', '.join(given)} do not apply to --task {CAUSAL_LM_TASK} (no classes, no head, no "
-                             "built-in data): drop them.")
+            raise ValueError(f"--task {CAUSAL_LM_TASK} has no classes, no head and no built-in data: drop "
+                             f"{', '.join(given)}.")
         if not self.train_file:
             raise ValueError(f"--task {CAUSAL_LM_TASK} learns your texts: give --train-file (JSON lines, CSV... with a "
                              "text column, or prompt and completion columns).")
