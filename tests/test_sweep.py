@@ -17,7 +17,7 @@ import tenslora.sweep
 from tenslora.cli import main
 from tenslora.options import TrainOptions
 from tenslora.runs import atomic_destination
-from tenslora.sweep import plan, points
+from tenslora.sweep import plan, points, run_sweep
 from test_cli import FLAGS, _error_line
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 
@@ -231,3 +231,11 @@ def test_budgets_out_of_reach_or_repeating_ranks_are_skipped_with_a_note(tiny, t
              "budget of 10 parameters (closest: 70)."]
     printed, report = capsys.readouterr().out, (out / "results.md").read_text()
     assert all(note in printed and f"- {note}" in report for note in notes)
+
+
+def test_a_causal_lm_sweep_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"text": "the cat sat"}\n')
+    options = TrainOptions(task="causal-lm", train_file=str(tmp_path / "data.jsonl"), model=str(tmp_path))
+    with pytest.raises(ValueError, match="--task causal-lm is not supported by the sweep"):
+        run_sweep(options, tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()

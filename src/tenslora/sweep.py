@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
+from .data import CAUSAL_LM_TASK
 from .data.metrics import METRICS
 from .inputs import task_spec
 from .modeling import default_model, load_model_config
@@ -210,6 +211,9 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
     runs at every rate; the other seeds run at the rate it selects (validation score of that seed alone).
     """
     sweep_dir = Path(sweep_dir)
+    if base.task == CAUSAL_LM_TASK:  # its score is a loss (lower is better); selection and plots read accuracies
+        raise ValueError(f"`tenslora sweep` compares classification scores; --task {CAUSAL_LM_TASK} is not supported "
+                         "by the sweep: run `tenslora train --task causal-lm` once per configuration instead.")
     lrs = list(lrs) or [base.lr]
     candidates = points(lora_ranks, constructions, conditions, budgets)
     if not seeds or min(lrs) <= 0:
