@@ -19,12 +19,21 @@ import annotated_types
 import pytest
 from pydantic import ValidationError
 
+import tenslora
 import tenslora.cli
 import tenslora.modeling
 import tenslora.sweep
 import tenslora.train
+import tiny
 from tenslora.cli import build_parser, main
-from tenslora.options import PATH_OPTIONS, TrainOptions, option_names, options_from_mapping
+from tenslora.options import (
+    PATH_OPTIONS,
+    TrainOptions,
+    adapter_config,
+    option_names,
+    options_from_mapping,
+    read_config_file,
+)
 from tiny_tasks import write_text_files
 
 #: Options whose value is any non-empty text (a path, a column, a hub id): only "" is out of range for them.
@@ -246,8 +255,9 @@ def test_run_json_keeps_its_form():
     identity = TrainOptions().identity()
     assert list(identity) == [name for name in option_names()
                               if name not in ("output_dir", "resume", "threads", "trust_remote_code", "load_in_4bit",
-                                              "load_in_8bit")]
+                                              "load_in_8bit", "layout")]
     assert TrainOptions(trust_remote_code=True).identity()["trust_remote_code"] is True
+    assert TrainOptions(layout="blocks", roles="all-linear").identity()["layout"] == "blocks"
     assert identity["ranks"] == 8 and identity["roles"] == ["q", "k", "v"] and identity["max_train_samples"] == 6000
 
 
@@ -345,3 +355,22 @@ def test_config_files_that_cannot_be_read(tmp_path, capsys):
     config.write_text("- lr\n- 1e-3\n")
     assert "mapping" in _assert_one_line_error(capsys, _run(["train", "--config", str(config)]), "options.yaml")
     assert "not found" in _assert_one_line_error(capsys, _run(["train", "--config", str(tmp_path)]), "--config")
+
+
+def test_ranks_per_family_and_the_block_layout_reach_the_adapter(tmp_path):
+    """A config file gives each family its own ranks; --layout blocks with a budget matches it over the block tensor."""
+    (tmp_path / "options.yaml").write_text("roles: all-linear\nranks:\n  attention: 4\n  mlp: {in: 2, out: '3', "
+                                           "qkv: 2, depth: full}\n")
+    options = options_from_mapping(read_config_file(str(tmp_path / "options.yaml")), typed=True)
+    assert adapter_config(options, None, None).ranks == {"attention": 4,
+                                                         "mlp": {"in": 2, "out": 3, "qkv": 2, "depth": "full"}}
+    with pytest.raises(ValidationError, match="ranks"):
+        TrainOptions(ranks={"attention": "many"})
+    model_config = tiny.bert().config
+    blocks = TrainOptions(roles="all-linear", layout="blocks", budget="lora:2")
+    config = adapter_config(blocks, model_config, None)
+    assert config.layout == "blocks"
+    budget = tenslora.lora_parameter_count(2, model_config, roles="all-linear")
+    assert budget / 2 <= tenslora.count_parameters(config, model_config) <= budget * 2
+    with pytest.raises(ValidationError, match="layout"):
+        TrainOptions(layout="tiles")

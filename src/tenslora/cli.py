@@ -121,7 +121,10 @@ def _add_adapter_arguments(group: argparse._ArgumentGroup) -> None:
                        "(default: tucker; presets set their own)")
     group.add_argument("--scaling", help="the update is scaling * Delta W" + _default("scaling"))
     group.add_argument("--dropout", help="dropout on the adapter's input" + _default("dropout"))
-    group.add_argument("--roles", help="projections to adapt, among q,k,v,o (default: q,k,v)")
+    group.add_argument("--roles", help="projections to adapt, among q,k,v,o (attention) and gate,up,down (MLP), or "
+                       "all-linear: every one the model has (default: q,k,v)")
+    group.add_argument("--layout", choices=["roles", "blocks"], help="roles: one slice per projection; blocks: "
+                       "FacT's layout, every d x d block of every projection a slice of one tensor (default: roles)")
 
 
 def _add_optimization_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 
 from .api import lora_parameter_count, match_budget
 from .config import TensLoraConfig
-from .construction import PRESETS
+from .construction import FAMILIES, PRESETS
 from .data import BUILTIN_TASKS, CAUSAL_LM_TASK, CUSTOM_TASK, DEFAULT_TASK, FILE_TASKS
 
 
@@ -45,22 +45,26 @@ Number = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
 Integer = Annotated[int, BeforeValidator(_no_bool)]
 Positive = Annotated[Integer, Field(gt=0)]
 Text = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
-Ranks = Union[Integer, list[Integer], dict[str, Union[Integer, Literal["full"]]]]
+ModeRanks = Union[Integer, list[Integer], dict[str, Union[Integer, Literal["full"]]]]
+#: One spec for every tensor, or one per family (``{attention: ..., mlp: ...}``).
+Ranks = Union[ModeRanks, dict[str, ModeRanks]]
 
 #: Options that may name local files or folders (``model`` may also be a hub id).
 PATH_OPTIONS = ("data_dir", "train_file", "validation_file", "test_file", "image_root", "model")
 #: The default run (no task and no data files given) trains on a subset of WordNet, to finish in minutes.
 DEFAULT_RUN_SAMPLES = {"max_train_samples": 6000, "max_eval_samples": 2000}
 #: The options that shape the adapter: meaningless (so refused) with ``head_only``.
-ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "scaling", "dropout", "roles", "role_patterns")
+ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "scaling", "dropout", "roles", "role_patterns",
+                   "layout")
 #: Model types whose position ids start after the padding index (RoBERTa's scheme): fewer usable positions.
 POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "longformer")
 #: The largest seed numpy accepts.
 MAX_SEED = 2**32 - 1
 #: Every value of ``task``: the built-in tasks, and the objectives for the user's own files.
 TASKS = (*BUILTIN_TASKS, *FILE_TASKS)
-#: Options added after runs were first recorded: in a run's identity only when set, so older runs keep theirs.
-RECORDED_WHEN_SET = ("trust_remote_code", "load_in_4bit", "load_in_8bit")
+#: Options added after runs were first recorded: in a run's identity only when not at their default, so older
+#: runs keep theirs.
+RECORDED_WHEN_SET = ("trust_remote_code", "load_in_4bit", "load_in_8bit", "layout")
 #: Options that mean nothing to a causal-LM run (it has no classes, no head, no built-in data).
 CLASSIFICATION_OPTIONS = ("data_dir", "image_root", "text_pair_column", "label_column", "pooling", "head_only")
 
@@ -97,6 +101,7 @@ class TrainOptions:
     dropout: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
     roles: list[Text] = Field(default_factory=lambda: ["q", "k", "v"])
     role_patterns: Optional[dict[Text, Text]] = None  # for models TensLoRA does not know (config file only)
+    layout: Literal["roles", "blocks"] = "roles"  # blocks: FacT's d x d blocks of every projection in one tensor
     head_only: bool = False  # the baseline: train the classification head only, no adapter
     # The optimization
     lr: Annotated[Number, Field(gt=0.0)] = 1e-2  # for short runs: a zero-core Tucker adapter needs a large step
@@ -234,13 +239,14 @@ class TrainOptions:
     def identity(self) -> dict[str, Any]:
         """The options that make two runs different (not where they are written, nor how fast they run).
 
-        Options added later (``RECORDED_WHEN_SET``) are recorded only when set, so older runs keep their identity.
+        Options added later (``RECORDED_WHEN_SET``) are recorded only when not at their default, so older runs keep
+        their identity.
         """
         data = dataclasses.asdict(self)
         for key in ("output_dir", "resume", "threads"):
             data.pop(key)
         for key in RECORDED_WHEN_SET:
-            if not data[key]:
+            if data[key] == default_value(key):
                 data.pop(key)
         return json.loads(json.dumps(data))  # the JSON form, as recorded in run.json
 
@@ -355,7 +361,10 @@ def parse_ranks(ranks: str) -> Union[int, list, dict]:
 
 def check_rank_shape(ranks: Any) -> Any:
     """``ranks`` as an int, a list of ints or a mapping of mode name to int or ``"full"`` (numeric strings read
-    as ints); their values are checked against the construction later."""
+    as ints), or a mapping of family (attention, mlp) to any of those; their values are checked against the
+    construction later."""
+    if isinstance(ranks, dict) and ranks and set(ranks) <= set(FAMILIES):
+        return {family: check_rank_shape(spec) for family, spec in ranks.items()}
     def rank(value: Any, full: bool = False) -> Any:
         if full and value == "full":
             return value
@@ -364,8 +373,8 @@ def check_rank_shape(ranks: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ValueError("ranks must be an integer, a list of integers (one per mode) or a mapping of mode names "
-                         "to integers or 'full', e.g. 8, [8, 8, 3, 4] or {in: 8, out: 8, qkv: 3, depth: full}; "
-                         f"got {ranks!r}")
+                         "to integers or 'full', e.g. 8, [8, 8, 3, 4] or {in: 8, out: 8, qkv: 3, depth: full} (or a "
+                         f"mapping of family, attention and mlp, to one of those); got {ranks!r}")
 
     if isinstance(ranks, list) and ranks:
         return [rank(value) for value in ranks]
@@ -402,13 +411,13 @@ def adapter_config(options: TrainOptions, model_config: Any, task_type: Optional
     """
     config = TensLoraConfig(construction=options.construction, factorization=options.factorization,
                             ranks=options.ranks, scaling=options.scaling, dropout=options.dropout,
-                            roles=options.roles, role_patterns=options.role_patterns, task_type=task_type,
-                            modules_to_save=modules_to_save)
+                            roles=options.roles, role_patterns=options.role_patterns, layout=options.layout,
+                            task_type=task_type, modules_to_save=modules_to_save)
     if options.budget is not None and model_config is not None:
         rules = PRESETS[options.construction].tucker_ranks if options.construction in PRESETS else None
         fixed = {mode: "full" for mode, rule in (rules or {}).items() if rule == "full"} or None
         budget = budget_parameters(options.budget, model_config, config.roles)
         config.ranks = match_budget(config.construction, config.factorization, budget, model_config,
-                                    roles=config.roles, fixed=fixed)
+                                    roles=config.roles, fixed=fixed, layout=config.layout)
     return config
 
