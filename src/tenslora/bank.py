@@ -104,8 +104,3 @@ class TensorBank(nn.Module):
 
     def tensor(self, key: str) -> FactorizedTensor:
         return self.tensors[key]
-
-    def delta_weight(self, address: SliceAddress) -> torch.Tensor:
-        """Dense update (d_out x d_in) of one projection, in the projection's own orientation."""
-        dense = self.tensors[address.key].slice_matrix(address.index)[: address.width]
-        return dense.T if address.transposed else dense

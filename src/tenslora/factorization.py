@@ -110,7 +110,7 @@ class FactorizedTensor(nn.Module):
                 *(self.factors[m] for m in self.output_modes)]
 
     def slice_matrix(self, index: Mapping[str, int]) -> torch.Tensor:
-        """The dense (d_out x d_in) slice at ``index``: for merging and tests, never for training."""
+        """The dense (d_out x d_in) slice at ``index``, for inspection and tests (merging reads the (A, B) pair)."""
         return (self.input_factor() @ self.output_matrix(index)).T
 
 

@@ -89,19 +89,47 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
                 result = result + self._adapter_output(adapter_name, x).to(result.dtype)
         return result
 
+    def lora_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update as a LoRA pair, exactly: ``B @ A`` is scaling * Delta W in ``nn.Linear`` layout, in fp32.
+
+        Every slice is ``s (U_in B)^T``, a LoRA with ``A = U_in^T`` and ``B = s B^T`` (a transposed role, o or
+        down, swaps them). ``A`` is (rank x in_features) and ``B`` (out_features x rank), as PEFT's ``lora_A`` /
+        ``lora_B`` are for a Linear and a Conv1D alike. Slices of one tensor share ``U_in``, so a fused module
+        (GPT-2's ``c_attn``) stacks each distinct input factor once and its ``B`` is block-structured. Merging,
+        PEFT's conversion to LoRA and ``export_lora`` all read the update from here.
+        """
+        bank, scaling = self._banks[adapter_name], self._scaling[adapter_name]
+        factors_of_a: dict[object, torch.Tensor] = {}  # the row blocks of A, one per distinct input factor
+        updates = []  # (output rows, block of A they read, their columns of B)
+        for position, segment in enumerate(self._segments[adapter_name]):
+            if not segment.blocks:
+                continue
+            # The block layout cuts a role into d-wide blocks of one tensor (one U_in): their B side by side is
+            # the role's B, each cropped to its width; the role layout has one block.
+            address = segment.blocks[0]
+            tensor = bank.tensor(address.key)
+            output = torch.cat([tensor.output_matrix(block.index)[:, : block.width] for block in segment.blocks],
+                               dim=1).float()
+            factor = tensor.input_factor().float()
+            if address.transposed:
+                key, a, b = ("transposed", position), output, factor * scaling
+            else:
+                key, a, b = address.key, factor.T, output.T * scaling
+            factors_of_a.setdefault(key, a)
+            updates.append((segment, key, b))
+        offsets, start = {}, 0
+        for key, a in factors_of_a.items():
+            offsets[key], start = start, start + a.shape[0]
+        lora_a = torch.cat(list(factors_of_a.values()))
+        lora_b = lora_a.new_zeros(self.out_features, lora_a.shape[0])
+        for segment, key, b in updates:
+            lora_b[segment.start : segment.stop, offsets[key] : offsets[key] + b.shape[1]] = b
+        return lora_a, lora_b
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense scaling * Delta W in the base weight's layout, computed in fp32 (for merging only)."""
-        bank = self._banks[adapter_name]
-        rows = []
-        for segment in self._segments[adapter_name]:
-            if not segment.blocks:
-                rows.append(torch.zeros(segment.stop - segment.start, self.in_features,
-                                        device=self.base_layer.weight.device))
-                continue
-            # Blocks cut the wide side: output rows of q/k/v/up/gate, input columns of the transposed o/down.
-            blocks = [bank.delta_weight(address).float() for address in segment.blocks]
-            rows.append(torch.cat(blocks, dim=1 if segment.blocks[0].transposed else 0))
-        delta = torch.cat(rows, dim=0) * self._scaling[adapter_name]
+        lora_a, lora_b = self.lora_factors(adapter_name)
+        delta = lora_b @ lora_a
         return delta.T if self.is_conv1d else delta
 
     #: The quantized base weight as it was before the first merge, so that unmerging gives it back exactly (a

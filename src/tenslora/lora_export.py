@@ -33,40 +33,6 @@ _LORA_BIAS = {"none": "none", "all": "all", "tenslora_only": "lora_only"}  # tra
 
 
 @torch.no_grad()
-def layer_lora_factors(layer: TensLoraLayer, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LoRA pair of one adapted module: ``B @ A`` is its scaled update in ``nn.Linear`` layout.
-
-    ``A`` is (rank x in_features), ``B`` is (out_features x rank), as PEFT's ``lora_A`` / ``lora_B``
-    weights are for a Linear and a Conv1D alike. Slices of one tensor share ``U_in``, so a fused
-    module stacks each distinct input factor once.
-    """
-    bank, scaling = layer._banks[adapter_name], layer._scaling[adapter_name]
-    blocks: dict[object, torch.Tensor] = {}  # the row blocks of A, one per distinct input factor
-    updates = []  # (output rows, block of A they read, their columns of B)
-    for position, segment in enumerate(layer._segments[adapter_name]):
-        if not segment.blocks:
-            continue
-        # The block layout cuts a role into d-wide blocks of one tensor (one U_in): their B side by side is the
-        # role's B, each cropped to its width; the role layout has one block.
-        address = segment.blocks[0]
-        tensor = bank.tensor(address.key)
-        output = torch.cat([tensor.output_matrix(block.index)[:, : block.width] for block in segment.blocks], dim=1)
-        if address.transposed:
-            block, a, b = ("transposed", position), output, tensor.input_factor() * scaling
-        else:
-            block, a, b = address.key, tensor.input_factor().T, output.T * scaling
-        blocks.setdefault(block, a)
-        updates.append((segment, block, b))
-    offsets, start = {}, 0
-    for block, a in blocks.items():
-        offsets[block], start = start, start + a.shape[0]
-    lora_a = torch.cat(list(blocks.values()))
-    lora_b = lora_a.new_zeros(layer.out_features, lora_a.shape[0])
-    for segment, block, b in updates:
-        lora_b[segment.start : segment.stop, offsets[block] : offsets[block] + b.shape[1]] = b
-    return lora_a, lora_b
-
-
 def lora_adapter(peft_model: PeftModel, adapter_name: str = "default") -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The ``LoraConfig`` and saved-adapter state dict equal to a TensLoRA adapter (what ``export_lora`` writes).
 
@@ -80,7 +46,7 @@ def lora_adapter(peft_model: PeftModel, adapter_name: str = "default") -> tuple[
     factors, conv1d = {}, set()
     for name, module in model.named_modules():
         if isinstance(module, TensLoraLayer) and adapter_name in module._banks:
-            factors[name] = layer_lora_factors(module, adapter_name)
+            factors[name] = module.lora_factors(adapter_name)
             conv1d.add(module.is_conv1d)
     if len(conv1d) > 1:
         raise ValueError("This adapter wraps both nn.Linear and Conv1D modules; a LoRA adapter stores one "
