@@ -15,27 +15,14 @@ from peft import PeftModel, get_peft_model
 import tenslora
 from dense import dense_tensor
 from tenslora import TensLoraConfig
+from test_all_linear import MODULES as ALL_LINEAR_MODULES
+from test_all_linear import adapter_numel, outputs
 from tiny import TEXT, bert, gemma, gpt2, inputs, llama
 
 tl.set_backend("pytorch")
 
-#: Where each role's module is, per model, in the order the slots of a layer follow (q, k, v, o, gate, up, down).
-MODULES = {
-    "llama": {"q": "model.layers.{}.self_attn.q_proj", "k": "model.layers.{}.self_attn.k_proj",
-              "v": "model.layers.{}.self_attn.v_proj", "o": "model.layers.{}.self_attn.o_proj",
-              "gate": "model.layers.{}.mlp.gate_proj", "up": "model.layers.{}.mlp.up_proj",
-              "down": "model.layers.{}.mlp.down_proj"},
-    "gemma": {"q": "model.layers.{}.self_attn.q_proj", "k": "model.layers.{}.self_attn.k_proj",
-              "v": "model.layers.{}.self_attn.v_proj", "o": "model.layers.{}.self_attn.o_proj",
-              "gate": "model.layers.{}.mlp.gate_proj", "up": "model.layers.{}.mlp.up_proj",
-              "down": "model.layers.{}.mlp.down_proj"},
-    "gpt2": {"q": "transformer.h.{}.attn.c_attn", "k": "transformer.h.{}.attn.c_attn",
-             "v": "transformer.h.{}.attn.c_attn", "o": "transformer.h.{}.attn.c_proj",
-             "up": "transformer.h.{}.mlp.c_fc", "down": "transformer.h.{}.mlp.c_proj"},
-    "bert": {"q": "bert.encoder.layer.{}.attention.self.query", "k": "bert.encoder.layer.{}.attention.self.key",
-             "v": "bert.encoder.layer.{}.attention.self.value", "o": "bert.encoder.layer.{}.attention.output.dense",
-             "up": "bert.encoder.layer.{}.intermediate.dense", "down": "bert.encoder.layer.{}.output.dense"},
-}
+#: Where each role's module is, per model (Gemma names them as LLaMA does); slots follow q, k, v, o, gate, up, down.
+MODULES = {**ALL_LINEAR_MODULES, "gemma": ALL_LINEAR_MODULES["llama"]}
 BUILD = {"llama": llama, "gemma": gemma, "gpt2": gpt2, "bert": bert}
 #: The wide side of each role on the tiny models (d = 32): k/v of the GQA LLaMA are 16 wide, Gemma's attention is
 #: 64 wide (q and o two blocks each), d_ffn is 37 on BERT, LLaMA and Gemma, 4 x 32 on GPT-2.
@@ -68,16 +55,6 @@ def expected_update(bank, name: str, construction: str, role: str, layer: int) -
     assert full.shape[:2] == (D, D) and (construction == "fused_qkv_depth" or full.shape[2] == slot_count)
     update = torch.cat([block.T for block in blocks])[: widths[role]]  # (wide side) x (residual side)
     return update.T if role in ("o", "down") else update
-
-
-def outputs(model, name: str) -> torch.Tensor:
-    """Logits and the last hidden states (the classifier alone can hide a change)."""
-    result = model(**inputs(name), output_hidden_states=True)
-    return torch.cat([result.logits.flatten(), result.hidden_states[-1].flatten()])
-
-
-def adapter_numel(model) -> int:
-    return sum(p.numel() for p in model.base_model.tenslora_tensors.parameters())
 
 
 @pytest.mark.parametrize(("construction", "factorization"),
