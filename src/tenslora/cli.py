@@ -37,7 +37,7 @@ from .options import (
 from .params import format_parameter_table
 from .run_compression import compress_run
 from .sweep import CONDITIONS, run_sweep
-from .train import evaluate_run, process_state, run_training
+from .train import end_process_group, evaluate_run, process_state, run_training
 
 _DEFAULTS = TrainOptions(task=DEFAULT_TASK)  # the plain field defaults, for the help text
 
@@ -218,6 +218,7 @@ def command_train(args: argparse.Namespace) -> int:
     metrics = run_training(train_options(args))
     if process_state().is_main_process:
         print(format_training_report(metrics))
+    end_process_group()
     return 0
 
 

@@ -96,6 +96,14 @@ def process_state() -> PartialState:
     return PartialState(cpu=not has_accelerator())
 
 
+def end_process_group() -> None:
+    """Tear down the process group of a multi-process launch (``torchrun``, ``accelerate launch``) once the run is
+    done. Left to interpreter shutdown, gloo's threads can abort a process that has finished its work ("terminate
+    called without an active exception"), failing the whole launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def use_bf16(option: bool | None) -> bool:
     """The ``bf16`` option, by default on where the hardware computes bfloat16 natively (1.6x faster on CPU)."""
     if option is not None:
