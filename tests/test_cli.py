@@ -184,6 +184,7 @@ def test_merge_saves_a_model_that_loads_without_tenslora(head, mean_run, tiny, t
 
 
 def test_python_dash_m_exit_code(tmp_path):
+    # ~7 s: a fresh interpreter, because `python -m tenslora` must print one line even with its imports' noise.
     result = subprocess.run([sys.executable, "-m", "tenslora", "train", "--train-file", str(tmp_path / "x.csv")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -53,6 +53,7 @@ def test_forward_pass_has_no_graph_break(adapter):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_compiled_model_gives_eager_outputs_and_gradients(name):
+    # ~4 s each: a real compilation (aot_eager, the cheapest backend that still traces the whole graph).
     eager, compiled = _model(name).train(), _model(name).train()
     for module in [*eager.modules(), *compiled.modules()]:
         if isinstance(module, nn.Dropout):

@@ -95,6 +95,7 @@ def test_report_gives_ratios_to_lora_of_the_same_mode():
 
 
 def test_a_variant_runs_in_its_own_process_with_the_options_forwarded(tmp_path):
+    # ~7 s: one real worker process, the benchmark's own way of isolating a variant's memory.
     args = speed.parse_args([*TINY, "--variants", "lora"])
     result = speed.run_variant(args, "llama", "lora", tmp_path / "compiler-cache")
     # The 256-wide, 1-layer LLaMA's budget: the size options reached the worker (the default's is 1,163,264).
