@@ -7,8 +7,14 @@ disagreeing on purpose), which makes them fast and exact.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,7 @@ import pytest
 import tenslora.sweep
 from tenslora.cli import main
 from tenslora.options import TrainOptions
-from tenslora.runs import atomic_destination
+from tenslora.runs import atomic_destination, check_not_busy
 from tenslora.sweep import plan, points, run_sweep
 from test_cli import FLAGS, _error_line
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
@@ -142,6 +148,57 @@ def test_a_failing_run_stops_the_sweep_with_its_error(tiny, tmp_path, capsys):  
                  str(tiny / "bert"), "--constructions", "qkv_depth", "--seeds", "0,1", "--jobs", "2",
                  *SWEEP_FLAGS]) == 2
     assert str(empty) in _error_line(capsys)
+
+
+def _busy(run_dir: Path) -> bool:
+    try:
+        check_not_busy(run_dir)
+    except ValueError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the run processes follow the sweep through prctl")
+def test_killing_the_sweep_ends_its_runs_so_the_rerun_is_not_refused(tiny, tmp_path):  # noqa: F811
+    """SIGKILL to the sweep while two runs train: the run processes end too, and free their run folders.
+
+    Slow (~15 s on 2 cores): a real sweep and its two real worker processes, since only a real kill shows it."""
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "tenslora", "sweep", str(out), "--task", "glue-mrpc", "--data-dir",
+               str(tiny / "mrpc"), "--model", str(tiny / "bert"), "--constructions", "qkv_depth", "--conditions",
+               "isorank", "--seeds", "0", "--jobs", "2", "--epochs", "1000", "--batch-size", "2", "--max-length", "32",
+               "--no-bf16"]
+    runs = [out / "runs" / "lora-r8-lr0.01-seed0", out / "runs" / "qkv_depth-isorank-r8-lr0.01-seed0"]
+    sweep = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all(_busy(run) for run in runs):
+            assert sweep.poll() is None and time.monotonic() < deadline, "the two runs did not start"
+            time.sleep(0.1)
+        children = _children(sweep.pid)
+        sweep.send_signal(signal.SIGKILL)
+        sweep.wait()
+        deadline = time.monotonic() + 30
+        while any(_busy(run) for run in runs):
+            assert time.monotonic() < deadline, "a run went on training after its sweep was killed"
+            time.sleep(0.1)
+        assert not any((run / "metrics.json").exists() for run in runs)
+    finally:  # whatever failed, leave no process training on
+        for pid in [sweep.pid, *children]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        sweep.wait()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux: the fourth field of /proc/<pid>/stat)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
 
 
 def test_a_report_is_replaced_whole_or_not_at_all(tmp_path):

@@ -13,9 +13,12 @@ the runs share, and a sweep with other shared options is refused.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.csv"
 #: The options a sweep sets run by run; the others are shared by all its runs (recorded in sweep.json).
 PER_RUN_OPTIONS = ("construction", "ranks", "budget", "head_only", "seed", "lr")
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,8 @@ def execute(runs: Sequence[PlannedRun], jobs: int,
         for run in runs:
             on_result(run, run_training(run.options))
         return
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_training, run.options): run for run in runs}
         try:
             for future in as_completed(futures):
@@ -160,6 +165,19 @@ def execute(runs: Sequence[PlannedRun], jobs: int,
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the runs under way end (they resume later); no new one starts
             raise
+
+
+def end_with_parent(parent: int) -> None:
+    """Make this run process end when the sweep that started it ends, however it ends (SIGTERM, SIGKILL).
+
+    Orphaned, it would train on with its run folder locked, and the rerun of the sweep would be refused.
+    A run stopped so resumes from its last checkpoint. Linux only (``prctl``); elsewhere a Ctrl-C, which
+    reaches the whole process group, still stops every run.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the sweep ended before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
