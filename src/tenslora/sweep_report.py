@@ -161,15 +161,29 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
                         ([construction, budget, str(next(iter(differences.values())).n),
                           *(format_estimate(differences[m], signed=True) for m in metrics)]
                          for (construction, _, budget), differences in compared))
-        excluding = [f"{construction} at {budget} ({name} {differences[m].mean:+.4f})"
-                     for (construction, _, budget), differences in compared
-                     for m, name in zip(metrics, names, strict=True) if differences[m].excludes_zero]
-        lines += ["", f"Intervals that exclude zero: {'; '.join(excluding)}." if excluding
-                  else "No interval excludes zero: no construction differs from LoRA at its budget by more "
-                       "than the seeds' spread allows to tell."]
+        lines += ["", *_verdict(compared, metrics, names)]
     if notes:
         lines += ["", "## Skipped", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(compared: Sequence[tuple[RowKey, dict[str, Estimate]]], metrics: Sequence[str],
+             names: Sequence[str]) -> list[str]:
+    """Which differences with LoRA exclude zero; those of a single paired seed have no interval to tell."""
+    single = [f"{construction} at {budget}" for (construction, _, budget), differences in compared
+              if next(iter(differences.values())).n < 2]
+    excluding = [f"{construction} at {budget} ({name} {differences[m].mean:+.4f})"
+                 for (construction, _, budget), differences in compared
+                 for m, name in zip(metrics, names, strict=True) if differences[m].excludes_zero]
+    lines = []
+    if excluding:
+        lines.append(f"Intervals that exclude zero: {'; '.join(excluding)}.")
+    elif len(single) < len(compared):
+        lines.append("No interval excludes zero: no construction differs from LoRA at its budget by more than the "
+                     "seeds' spread allows to tell.")
+    if single:
+        lines.append(f"One paired seed, so no interval yet: {', '.join(single)}.")
+    return lines
 
 
 def plot(path: Path, runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> None:
