@@ -22,7 +22,7 @@ import tenslora
 from tenslora import TensLoraConfig, train
 from tenslora.options import TrainOptions
 from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock
-from tenslora.train import evaluate_run, run_training
+from tenslora.train import TrainingDiverged, evaluate_run, run_training
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert
 from tiny_tasks import write_text_files
@@ -233,7 +233,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny, tmp_p
 
 def test_a_huge_learning_rate_is_stopped_before_anything_is_saved(tiny, tmp_path):  # noqa: F811
     options = _text_options(tiny, tmp_path, lr=1e30)
-    with pytest.raises(ValueError, match=r"diverged at step \d+: the loss is no longer finite.*Lower --lr "
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: the loss is no longer finite.*Lower --lr "
                                          r"\(it is 1e\+30\).*nothing of this run was saved"):
         run_training(options)
     folder = Path(options.output_dir)

@@ -24,6 +24,7 @@ from tenslora.cli import main
 from tenslora.options import TrainOptions
 from tenslora.runs import atomic_destination, check_not_busy
 from tenslora.sweep import plan, points, run_sweep
+from tenslora.train import TrainingDiverged
 from test_cli import FLAGS, _error_line
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 
@@ -283,6 +284,30 @@ def test_differences_with_lora_are_paired_by_seed(gap, seeds, verdict, tiny, tmp
     mean = gap + 0.001 * sum((-1) ** seed for seed in paired) / len(paired)
     assert _table_line(out, f"| qkv_depth | lora:2 | {len(paired)} |").startswith(
         f"| qkv_depth | lora:2 | {len(paired)} | {mean:+.4f}")
+
+
+def test_a_rate_at_which_a_method_diverges_loses_the_choice_and_is_not_trained_again(tiny, tmp_path,  # noqa: F811
+                                                                                      monkeypatch):
+    """qkv_depth diverges at 0.1, where its validation score would otherwise be the best: the sweep goes on,
+    chooses 0.01 for it, reports the divergence, and the same sweep again does not train that run again."""
+    def scores(options):
+        if options.construction == "qkv_depth" and options.lr == 0.1:
+            raise TrainingDiverged("Training diverged at step 7", 7)
+        return (0.8 if options.lr == 0.1 else 0.6), 0.7
+
+    out, calls = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--lrs", "0.01,0.1", "--seeds", "0")
+    diverged = "qkv_depth-isoparameter-r2-lr0.1-seed0"
+    assert len(calls) == 4
+    rows = {row["name"]: row for row in _rows(out)}
+    assert rows[diverged]["diverged_at_step"] == "7" and rows[diverged]["test_accuracy"] == ""
+    assert {(row["construction"], row["lr"]) for row in rows.values() if row["selected"] == "True"} == {
+        ("lora", "0.1"), ("qkv_depth", "0.01")}
+    assert "| 0.01 of 0.01, 0.1 | 1 | 0.7000 |" in _table_line(out, "| isoparameter | qkv_depth |")
+    assert f"- {diverged}: diverged at step 7" in (out / "results.md").read_text()
+
+    again, calls_again = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--lrs", "0.01,0.1", "--seeds", "0")
+    assert again == out and diverged not in {Path(options.output_dir).name for options in calls_again}
+    assert len(calls_again) == 3 and _rows(out) == list(rows.values())
 
 
 def test_budgets_out_of_reach_or_repeating_ranks_are_skipped_with_a_note(tiny, tmp_path, monkeypatch,  # noqa: F811

@@ -33,12 +33,13 @@ from .modeling import default_model, load_model_config
 from .options import TrainOptions, adapter_config, default_value
 from .params import format_ranks
 from .runs import read_json, write_json
-from .sweep_report import RowKey, read_csv, select_learning_rates, write_reports
-from .train import run_training
+from .sweep_report import DIVERGED, RowKey, read_csv, select_learning_rates, write_reports
+from .train import TrainingDiverged, run_training
 
 CONDITIONS = ("isorank", "isoparameter")
 SWEEP_FILE = "sweep.json"
 RESULTS_FILE = "results.csv"
+DIVERGED_FILE = "diverged.json"  # in a run folder: the sweep's record of a run that diverged
 #: The options a sweep sets run by run; the others are shared by all its runs (recorded in sweep.json).
 PER_RUN_OPTIONS = ("construction", "ranks", "budget", "head_only", "seed", "lr")
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
@@ -154,17 +155,32 @@ def execute(runs: Sequence[PlannedRun], jobs: int,
     """Run (or read back) every run, ``jobs`` at a time in separate processes; report each result."""
     if jobs <= 1:
         for run in runs:
-            on_result(run, run_training(run.options))
+            on_result(run, train_or_diverge(run.options))
         return
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(run_training, run.options): run for run in runs}
+        futures = {pool.submit(train_or_diverge, run.options): run for run in runs}
         try:
             for future in as_completed(futures):
                 on_result(futures[future], future.result())
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the runs under way end (they resume later); no new one starts
             raise
+
+
+def train_or_diverge(options: TrainOptions) -> dict[str, Any]:
+    """``run_training``, except that a run which diverges is a result of the sweep (its learning rate is too
+    large for that method at that budget), not its end. The divergence is recorded in the run's folder: the
+    sweep run again reads it back rather than training the run again."""
+    record = Path(options.output_dir) / DIVERGED_FILE
+    if record.is_file():
+        return read_json(record)
+    try:
+        return run_training(options)
+    except TrainingDiverged as error:
+        diverged = {DIVERGED: error.step}
+        write_json(record, diverged)
+        return diverged
 
 
 def end_with_parent(parent: int) -> None:
@@ -181,10 +197,14 @@ def end_with_parent(parent: int) -> None:
 
 
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
-    """One line of ``results.csv`` (its ``selected`` column is added by the reports)."""
+    """One line of ``results.csv`` (its ``selected`` column is added by the reports); a diverged run has no
+    scores, only the step it diverged at."""
+    row = {"name": run.name, "construction": run.point.construction, "condition": run.point.condition,
+           "budget": run.point.budget, "lr": run.lr, "seed": run.seed}
+    if DIVERGED in metrics:
+        return {**row, DIVERGED: metrics[DIVERGED]}
     adapter = metrics["adapter"]
-    return {"name": run.name, "construction": run.point.construction, "condition": run.point.condition,
-            "budget": run.point.budget, "lr": run.lr, "seed": run.seed, "factorization": adapter["factorization"],
+    return {**row, "factorization": adapter["factorization"],
             "ranks": format_ranks(adapter["ranks"]), "adapter_parameters": metrics["adapter_parameters"],
             "trainable_parameters": metrics["trainable_parameters"],
             **{f"validation_{name}": value for name, value in metrics["validation"].items() if name in METRICS},
@@ -264,7 +284,7 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
         write_reports(sweep_dir, list(table.values()), notes)
         scores = ", ".join(f"{key}={value:.4f}" for key, value in table[run.name].items()
                            if key.startswith(("validation_", "test_")))
-        print(f"[{done}/{total}] {run.name}: {scores}", flush=True)
+        print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
 
     execute(first, jobs, record)
     if select_on_seed is not None:

@@ -14,6 +14,7 @@ of a row is chosen on the validation split, and its test scores are reported at 
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -23,8 +24,9 @@ from .runs import atomic_destination, write_atomic, write_csv
 from .stats import Estimate, format_estimate, paired_difference, t_interval
 
 RowKey = tuple[str, str, str]  # (construction, condition, budget)
+DIVERGED = "diverged_at_step"  # the column of results.csv that marks a run that diverged (it has no scores)
 
-_INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters")
+_INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters", "diverged_at_step")
 _FLOAT_PREFIXES = ("test_", "validation_", "wall_time_s", "lr")
 _CONDITION_ORDER = {"lora": 0, "isoparameter": 1, "isorank": 2}
 
@@ -59,11 +61,12 @@ def metric_columns(runs: Iterable[dict[str, Any]], prefix: str = "test_") -> lis
 def select_learning_rates(runs: Sequence[dict[str, Any]]) -> dict[RowKey, float]:
     """Each row's learning rate: the best mean validation score (the task's first metric) over the seeds
     every rate of the row was run with (over each rate's own seeds if they share none); ties go to the
-    smaller rate. With the economy of ``--select-on-seed`` the only shared seed is the selection seed."""
-    metric = metric_columns(runs, "validation_")[0]
+    smaller rate. With the economy of ``--select-on-seed`` the only shared seed is the selection seed. A run
+    that diverged scores below any other."""
+    metric = next(iter(metric_columns(runs, "validation_")), None)
     scores: dict[RowKey, dict[float, dict[int, float]]] = {}
     for run in runs:
-        scores.setdefault(row_key(run), {}).setdefault(run["lr"], {})[run["seed"]] = run[metric]
+        scores.setdefault(row_key(run), {}).setdefault(run["lr"], {})[run["seed"]] = run.get(metric, -math.inf)
     chosen = {}
     for key, by_lr in scores.items():
         shared = set.intersection(*(set(seeds) for seeds in by_lr.values()))
@@ -89,10 +92,11 @@ def with_selection(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _rows(runs: Sequence[dict[str, Any]]) -> dict[RowKey, list[dict[str, Any]]]:
-    """The selected runs by row, in report order: LoRA, isoparameter, isorank; by construction, then size."""
+    """The selected runs that did not diverge, by row, in report order: LoRA, isoparameter, isorank; by
+    construction, then size."""
     rows: dict[RowKey, list[dict[str, Any]]] = {}
     for run in runs:
-        if run["selected"]:
+        if run["selected"] and DIVERGED not in run:
             rows.setdefault(row_key(run), []).append(run)
     return dict(sorted(rows.items(), key=lambda item: (_CONDITION_ORDER.get(item[0][1], 3), item[0][0],
                                                         min(run["adapter_parameters"] for run in item[1]))))
@@ -138,7 +142,7 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
     """The rows at their chosen learning rates, the comparisons with LoRA, and the skipped budgets."""
     metrics = metric_columns(runs)
     names = [metric.removeprefix("test_") for metric in metrics]
-    selection = metric_columns(runs, "validation_")[0].removeprefix("validation_")
+    selection = next(iter(metric_columns(runs, "validation_")), "score").removeprefix("validation_")
     rows = _rows(runs)
     lines = ["# Sweep results", "",
              f"Test scores at each row's learning rate: mean ± standard deviation over seeds [95 % t-interval of "
@@ -162,6 +166,12 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
                           *(format_estimate(differences[m], signed=True) for m in metrics)]
                          for (construction, _, budget), differences in compared))
         lines += ["", *_verdict(compared, metrics, names)]
+    diverged = [run for run in runs if DIVERGED in run]
+    if diverged:
+        lines += ["", "## Diverged", "", "Runs whose loss became NaN or infinite: a rate at which a row diverged "
+                  "counts as its worst in the choice of its rate; a seed that diverged at the chosen rate is left "
+                  "out of the row's scores (see its number of seeds).", "",
+                  *(f"- {run['name']}: diverged at step {run[DIVERGED]}" for run in diverged)]
     if notes:
         lines += ["", "## Skipped", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"

@@ -198,6 +198,14 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
     )
 
 
+class TrainingDiverged(ValueError):
+    """A run's weights became non-finite at optimizer step ``step``: its learning rate is too large."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class DivergenceCheck(TrainerCallback):
     """Stops a run whose trained weights are no longer finite, before they are checkpointed or saved.
 
@@ -214,10 +222,11 @@ class DivergenceCheck(TrainerCallback):
         total = torch.stack([parameter.detach().sum(dtype=torch.float32) for parameter in self.trained]).sum()
         if not torch.isfinite(total):
             kept = last_checkpoint(args.output_dir)
-            raise ValueError(
+            raise TrainingDiverged(
                 f"Training diverged at step {state.global_step}: the loss is no longer finite (NaN or inf weights "
                 f"after the update). Lower --lr (it is {args.learning_rate:g}) and train in a new --output-dir; "
-                + (f"the last good checkpoint, '{kept}', is kept." if kept else "nothing of this run was saved."))
+                + (f"the last good checkpoint, '{kept}', is kept." if kept else "nothing of this run was saved."),
+                state.global_step)
 
 
 def perplexity(loss: float) -> float:
