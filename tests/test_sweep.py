@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import os
 import signal
 import statistics
@@ -133,6 +134,7 @@ def test_sweep_with_other_shared_options_into_the_same_folder_is_refused(tiny, s
     (["--budgets", "-5"], "Budgets are positive parameter counts"),
     (["--select-on-seed", "5"], "The selection seed 5 is not among the seeds [0, 1, 2]"),
     (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--widen"], "give --lrs two rates or more"),
 ])
 def test_bad_sweep_options_are_one_line_and_exit_code_2(flags, message, tiny, tmp_path, capsys):  # noqa: F811
     assert main(["sweep", str(tmp_path / "sweep"), "--task", "glue-mrpc", "--data-dir", str(tiny / "mrpc"),
@@ -284,6 +286,26 @@ def test_differences_with_lora_are_paired_by_seed(gap, seeds, verdict, tiny, tmp
     mean = gap + 0.001 * sum((-1) ** seed for seed in paired) / len(paired)
     assert _table_line(out, f"| qkv_depth | lora:2 | {len(paired)} |").startswith(
         f"| qkv_depth | lora:2 | {len(paired)} | {mean:+.4f}")
+
+
+@pytest.mark.parametrize("best, tried, chosen", [
+    (0.04, [0.005, 0.01, 0.02, 0.04, 0.08], 0.04),  # up twice to the best, once more to see it fall
+    (0.0025, [0.00125, 0.0025, 0.005, 0.01], 0.0025),  # down
+    (1.0, [0.005, 0.01, 0.02, 0.04, 0.08], 0.08),  # still rising after three more rates: the widening stops
+])
+def test_widen_tries_past_the_edge_of_the_grid_until_the_choice_is_inside(best, tried, chosen, tiny, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    """The validation score peaks at ``best``; with the economy only seed 0 widens, seed 1 runs at the choice."""
+    def scores(options):
+        return 1 - abs(math.log2(options.lr / best)) / 100, 0.7
+
+    out, calls = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--lrs", "0.005,0.01", "--seeds", "0,1",
+                             "--select-on-seed", "0", "--widen")
+    for construction in ("lora", "qkv_depth"):
+        rates = {seed: sorted(round(options.lr, 8) for options in calls
+                              if options.construction == construction and options.seed == seed) for seed in (0, 1)}
+        assert rates == {0: tried, 1: [chosen]}
+    assert {round(float(row["lr"]), 8) for row in _rows(out) if row["selected"] == "True"} == {chosen}
 
 
 def test_a_rate_at_which_a_method_diverges_loses_the_choice_and_is_not_trained_again(tiny, tmp_path,  # noqa: F811

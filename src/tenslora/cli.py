@@ -36,7 +36,7 @@ from .options import (
 )
 from .params import format_parameter_table
 from .run_compression import compress_run
-from .sweep import CONDITIONS, run_sweep
+from .sweep import CONDITIONS, MAX_WIDENINGS, run_sweep
 from .train import end_process_group, evaluate_run, process_state, run_training
 
 _DEFAULTS = TrainOptions(task=DEFAULT_TASK)  # the plain field defaults, for the help text
@@ -194,6 +194,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        "validation score (default: --lr alone)")
     sweep.add_argument("--select-on-seed", type=int, help="economy: only this seed runs at every --lrs rate; the "
                        "other seeds run at the rate its validation score selects (default: every seed at every rate)")
+    sweep.add_argument("--widen", action="store_true", help="when a row's chosen rate is the largest (smallest) of "
+                       "those tried, also try twice (half) that rate on the seeds that choose, until the choice has "
+                       f"a rate on either side, at most {MAX_WIDENINGS} times a row (needs two --lrs or more)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with --threads "
                        "threads (default: 1; on a CPU machine: cores / threads)")
     _add_data_arguments(parser)
@@ -260,7 +263,7 @@ def command_sweep(args: argparse.Namespace) -> int:
                      _comma_list(args.constructions), _comma_list(args.conditions),
                      numbers("--seeds", args.seeds, int, "0,1,2"), args.jobs,
                      numbers("--lrs", args.lrs or "", float, "3e-3,5e-3,1e-2"),
-                     numbers("--budgets", args.budgets, int, "1500,3000,6000"), args.select_on_seed)
+                     numbers("--budgets", args.budgets, int, "1500,3000,6000"), args.select_on_seed, args.widen)
     print(f"{len(rows)} runs; results in {args.sweep_dir}/results.md, results.csv and results.png")
     return 0
 

@@ -33,7 +33,7 @@ from .modeling import default_model, load_model_config
 from .options import TrainOptions, adapter_config, default_value
 from .params import format_ranks
 from .runs import read_json, write_json
-from .sweep_report import DIVERGED, RowKey, read_csv, select_learning_rates, write_reports
+from .sweep_report import DIVERGED, RowKey, read_csv, row_key, select_learning_rates, write_reports
 from .train import TrainingDiverged, run_training
 
 CONDITIONS = ("isorank", "isoparameter")
@@ -42,6 +42,7 @@ RESULTS_FILE = "results.csv"
 DIVERGED_FILE = "diverged.json"  # in a run folder: the sweep's record of a run that diverged
 #: The options a sweep sets run by run; the others are shared by all its runs (recorded in sweep.json).
 PER_RUN_OPTIONS = ("construction", "ranks", "budget", "head_only", "seed", "lr")
+MAX_WIDENINGS = 3  # --widen: the most rates added to one row (a factor of 8 beyond the grid)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent ends
 
 
@@ -196,6 +197,16 @@ def end_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def beyond_edge(key: RowKey, runs: Sequence[dict[str, Any]]) -> list[float]:
+    """The rate to try next for a row whose chosen rate is the largest (twice it) or the smallest (half) of those
+    tried: none when a tried rate lies on either side of the choice."""
+    tried = sorted({run["lr"] for run in runs if row_key(run) == key})
+    chosen = select_learning_rates(runs)[key]
+    if chosen == tried[-1]:
+        return [chosen * 2]
+    return [chosen / 2] if chosen == tried[0] else []
+
+
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
     """One line of ``results.csv`` (its ``selected`` column is added by the reports); a diverged run has no
     scores, only the step it diverged at."""
@@ -242,11 +253,13 @@ def model_config_of(base: TrainOptions) -> Any:
 def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequence[int] = (8,),
               constructions: Sequence[str] = TENSOR_CONSTRUCTIONS, conditions: Sequence[str] = CONDITIONS,
               seeds: Sequence[int] = (0, 1, 2), jobs: int = 1, lrs: Sequence[float] = (),
-              budgets: Sequence[int] = (), select_on_seed: int | None = None) -> list[dict[str, Any]]:
+              budgets: Sequence[int] = (), select_on_seed: int | None = None,
+              widen: bool = False) -> list[dict[str, Any]]:
     """Run the sweep (finished runs are read back) and write its reports; return every run in the folder.
 
     ``lrs`` (default: ``base.lr`` alone) are tried at every point. With ``select_on_seed`` only that seed
     runs at every rate; the other seeds run at the rate it selects (validation score of that seed alone).
+    With ``widen`` a row whose chosen rate is at an edge of those tried gets the next rate beyond it.
     """
     sweep_dir = Path(sweep_dir)
     if base.task == CAUSAL_LM_TASK:  # its score is a loss (lower is better); selection and plots read accuracies
@@ -257,6 +270,9 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
     if not seeds or min(lrs) <= 0:
         raise ValueError(f"A sweep needs at least one seed and positive learning rates (got seeds {list(seeds)}, "
                          f"learning rates {lrs}).")
+    if widen and len(set(lrs)) < 2:
+        raise ValueError(f"--widen extends a grid of learning rates past its edges; give --lrs two rates or more "
+                         f"(got {lrs}).")
     if select_on_seed is not None and select_on_seed not in seeds:
         raise ValueError(f"The selection seed {select_on_seed} is not among the seeds {list(seeds)}; add it to them.")
     runs = plan(base, sweep_dir, candidates, seeds, lrs)  # every run's options checked before anything is loaded
@@ -271,8 +287,7 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
     write_json(sweep_dir / SWEEP_FILE, {"options": shared, "notes": notes})
 
     kept = set(planned)
-    runs = [run for run in runs if run.point in kept]
-    first = [run for run in runs if select_on_seed is None or run.seed == select_on_seed]
+    first = [run for run in runs if run.point in kept and select_on_seed in (None, run.seed)]
     table = {row["name"]: row for row in read_csv(sweep_dir / RESULTS_FILE)}
     total = len(first) + len(planned) * (len(seeds) - len({run.seed for run in first}))
     done = 0
@@ -287,7 +302,16 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
         print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
 
     execute(first, jobs, record)
+    choosing = sorted({run.seed for run in first})
+    for _ in range(MAX_WIDENINGS if widen else 0):
+        beyond = [run for point in planned for run in plan(base, sweep_dir, [point], choosing, beyond_edge(
+            point.key, list(table.values())))]
+        if not beyond:
+            break
+        total += len(beyond)
+        execute(beyond, jobs, record)
     if select_on_seed is not None:
         chosen = select_learning_rates(list(table.values()))
-        execute([run for run in runs if run.seed != select_on_seed and run.lr == chosen[run.point.key]], jobs, record)
+        execute([run for seed in seeds if seed != select_on_seed for point in planned
+                 for run in plan(base, sweep_dir, [point], [seed], [chosen[point.key]])], jobs, record)
     return list(table.values())
