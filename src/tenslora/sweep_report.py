@@ -26,7 +26,7 @@ from .stats import Estimate, format_estimate, paired_difference, t_interval
 RowKey = tuple[str, str, str]  # (construction, condition, budget)
 DIVERGED = "diverged_at_step"  # the column of results.csv that marks a run that diverged (it has no scores)
 
-_INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters", "diverged_at_step")
+_INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters", DIVERGED)
 _FLOAT_PREFIXES = ("test_", "validation_", "wall_time_s", "lr")
 _CONDITION_ORDER = {"lora": 0, "isoparameter": 1, "isorank": 2}
 
