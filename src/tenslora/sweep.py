@@ -197,14 +197,21 @@ def end_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def beyond_edge(key: RowKey, runs: Sequence[dict[str, Any]]) -> list[float]:
-    """The rate to try next for a row whose chosen rate is the largest (twice it) or the smallest (half) of those
-    tried: none when a tried rate lies on either side of the choice."""
-    tried = sorted({run["lr"] for run in runs if row_key(run) == key})
-    chosen = select_learning_rates(runs)[key]
-    if chosen == tried[-1]:
-        return [chosen * 2]
-    return [chosen / 2] if chosen == tried[0] else []
+def beyond_edges(planned: Sequence[Point], runs: Sequence[dict[str, Any]]) -> dict[Point, float]:
+    """The rate to try next for each point whose chosen rate is the largest (twice it) or the smallest (half)
+    of those tried; a point with a tried rate on either side of its choice has none."""
+    chosen = select_learning_rates(runs)
+    tried: dict[RowKey, set[float]] = {}
+    for run in runs:
+        tried.setdefault(row_key(run), set()).add(run["lr"])
+    edges = {}
+    for point in planned:
+        rate, rates = chosen[point.key], tried[point.key]
+        if rate == max(rates):
+            edges[point] = rate * 2
+        elif rate == min(rates):
+            edges[point] = rate / 2
+    return edges
 
 
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -304,8 +311,8 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
     execute(first, jobs, record)
     choosing = sorted({run.seed for run in first})
     for _ in range(MAX_WIDENINGS if widen else 0):
-        beyond = [run for point in planned for run in plan(base, sweep_dir, [point], choosing, beyond_edge(
-            point.key, list(table.values())))]
+        beyond = [run for point, rate in beyond_edges(planned, list(table.values())).items()
+                  for run in plan(base, sweep_dir, [point], choosing, [rate])]
         if not beyond:
             break
         total += len(beyond)
