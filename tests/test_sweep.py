@@ -344,6 +344,28 @@ def test_budgets_out_of_reach_or_repeating_ranks_are_skipped_with_a_note(tiny, t
     assert all(note in printed and f"- {note}" in report for note in notes)
 
 
+@pytest.mark.parametrize("score_at_100, answer", [
+    (0.795, "the smallest adapter within 0.01 of it is qkv_depth at 100 (150 parameters, 1.33× fewer): 0.7950."),
+    (0.785, "no smaller adapter is within 0.01 of it."),
+])
+def test_the_smallest_adapter_within_one_point_of_lora_at_its_largest_rank(score_at_100, answer, tiny,  # noqa: F811
+                                                                           tmp_path, monkeypatch):
+    """LoRA r=2 (200 parameters in the stand-in) scores 0.80, r=1 (100) 0.70, qkv_depth at LoRA's counts
+    (300) 0.70: only qkv_depth at 100 parameters (150) can match r=2 with fewer parameters."""
+    def scores(options):
+        if options.construction == "lora":
+            return 0.7, 0.8 if options.ranks == 2 else 0.7
+        return 0.7, score_at_100 if options.budget == "100" else 0.7
+
+    run_training, _ = _stand_in(scores)
+    monkeypatch.setattr(tenslora.sweep, "run_training", run_training)
+    out = tmp_path / "sweep"
+    assert _sweep(tiny, out, "--lora-ranks", "1,2", "--budgets", "100", "--conditions", "isoparameter",
+                  "--lr", "0.01", "--seeds", "0") == 0
+    report = (out / "results.md").read_text()
+    assert f"- accuracy: LoRA at lora:2 (200 parameters) scores 0.8000; {answer}" in report
+
+
 def test_a_causal_lm_sweep_is_refused_before_anything_is_written(tmp_path):
     (tmp_path / "data.jsonl").write_text('{"text": "the cat sat"}\n')
     options = TrainOptions(task="causal-lm", train_file=str(tmp_path / "data.jsonl"), model=str(tmp_path))

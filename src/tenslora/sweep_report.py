@@ -7,7 +7,8 @@ of a row is chosen on the validation split, and its test scores are reported at 
 
 - ``results.csv``: every run, with its ``lr`` and ``selected`` (run at its row's chosen rate);
 - ``results.md``: per row, the chosen rate and the test scores over seeds (mean ± std and 95 %
-  t-interval); each construction against LoRA at the same budget (paired by seed); skipped budgets;
+  t-interval); each construction against LoRA at the same budget (paired by seed); the smallest
+  adapter within one point of LoRA's largest rank; skipped budgets;
 - ``results.png``: the frontier, test score against adapter parameters, one line per method.
 """
 
@@ -29,6 +30,7 @@ DIVERGED = "diverged_at_step"  # the column of results.csv that marks a run that
 _INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters", DIVERGED)
 _FLOAT_PREFIXES = ("test_", "validation_", "wall_time_s", "lr")
 _CONDITION_ORDER = {"lora": 0, "isoparameter": 1, "isorank": 2}
+ONE_POINT = 0.01  # a point of a score on [0, 1]: how far below LoRA's largest rank an adapter may be and still match it
 
 
 def row_key(run: dict[str, Any]) -> RowKey:
@@ -166,6 +168,12 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
                           *(format_estimate(differences[m], signed=True) for m in metrics)]
                          for (construction, _, budget), differences in compared))
         lines += ["", *_verdict(compared, metrics, names)]
+    matching = [line for metric in metrics if (line := _smallest_matching(rows, metric))]
+    if matching:
+        lines += ["", "## Smallest adapter within one point of LoRA's largest rank", "",
+                  f"Of every row (LoRA's ranks included), the one with the fewest adapter parameters whose mean test "
+                  f"score is at most {ONE_POINT:g} below the mean of LoRA at its largest rank (means over each "
+                  f"row's seeds; their spread is in the first table).", "", *matching]
     diverged = [run for run in runs if DIVERGED in run]
     if diverged:
         lines += ["", "## Diverged", "", "Runs whose loss became NaN or infinite: a rate at which a row diverged "
@@ -175,6 +183,26 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
     if notes:
         lines += ["", "## Skipped", "", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def _smallest_matching(rows: dict[RowKey, list[dict[str, Any]]], metric: str) -> str | None:
+    """One line: LoRA's largest rank on ``metric`` and the smallest row within one point of it (None
+    without LoRA)."""
+    means = {key: statistics.fmean(scores) for key, group in rows.items()
+             if (scores := [run[metric] for run in group if metric in run])}
+    size = {key: rows[key][0]["adapter_parameters"] for key in means}
+    lora = [key for key in means if key[1] == "lora"]
+    if not lora:
+        return None
+    reference = max(lora, key=size.__getitem__)
+    smallest = min((key for key in means if means[key] >= means[reference] - ONE_POINT), key=size.__getitem__)
+    found = (f"- {metric.removeprefix('test_')}: LoRA at {reference[2]} ({size[reference]:,} parameters) scores "
+             f"{means[reference]:.4f}; ")
+    if smallest == reference:
+        return found + f"no smaller adapter is within {ONE_POINT:g} of it."
+    return found + (f"the smallest adapter within {ONE_POINT:g} of it is {smallest[0]} at {smallest[2]} "
+                    f"({size[smallest]:,} parameters, {size[reference] / size[smallest]:.3g}× fewer): "
+                    f"{means[smallest]:.4f}.")
 
 
 def _verdict(compared: Sequence[tuple[RowKey, dict[str, Estimate]]], metrics: Sequence[str],
