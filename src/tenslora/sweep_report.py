@@ -121,6 +121,11 @@ def _table(header: Sequence[str], lines: Iterable[Sequence[str]]) -> list[str]:
             *("| " + " | ".join(cells) + " |" for cells in lines)]
 
 
+def _scores(runs: Sequence[dict[str, Any]], metric: str) -> list[float]:
+    """The runs' scores on ``metric`` (a run of another task may not have it)."""
+    return [run[metric] for run in runs if metric in run]
+
+
 def _by_seed(runs: Sequence[dict[str, Any]], metric: str) -> dict[int, float]:
     return {run["seed"]: run[metric] for run in runs if metric in run}
 
@@ -156,7 +161,7 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
                     ([key[1], key[0], key[2],
                       *(_distinct(group, column) for column in ("ranks", "adapter_parameters", "trainable_parameters")),
                       _learning_rates(runs, key, group[0]["lr"]), str(len(group)),
-                      *(format_estimate(t_interval([run[m] for run in group if m in run])) for m in metrics)]
+                      *(format_estimate(t_interval(_scores(group, m))) for m in metrics)]
                      for key, group in rows.items()))
     compared = comparisons(rows, metrics)
     if compared:
@@ -189,7 +194,7 @@ def _smallest_matching(rows: dict[RowKey, list[dict[str, Any]]], metric: str) ->
     """One line: LoRA's largest rank on ``metric`` and the smallest row within one point of it (None
     without LoRA)."""
     means = {key: statistics.fmean(scores) for key, group in rows.items()
-             if (scores := [run[metric] for run in group if metric in run])}
+             if (scores := _scores(group, metric))}
     size = {key: rows[key][0]["adapter_parameters"] for key in means}
     lora = [key for key in means if key[1] == "lora"]
     if not lora:
@@ -240,7 +245,7 @@ def plot(path: Path, runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> 
     for axes, metric in zip(panels[0], metrics, strict=True):
         lines: dict[tuple[str, str], list[tuple[int, float, float]]] = {}
         for (construction, condition, _), group in rows.items():
-            scores = [run[metric] for run in group if metric in run]
+            scores = _scores(group, metric)
             if scores:
                 spread = statistics.stdev(scores) if len(scores) > 1 else 0.0
                 lines.setdefault((construction, condition), []).append(
