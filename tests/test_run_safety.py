@@ -20,6 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 import tenslora
 from tenslora import TensLoraConfig, train
+from tenslora.cli import main
 from tenslora.options import TrainOptions
 from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock
 from tenslora.train import TrainingDiverged, evaluate_run, run_training
@@ -201,6 +202,26 @@ def test_a_second_writer_is_refused(tiny, tmp_path):  # noqa: F811
     (tmp_path / "foreign" / "data.txt").write_text("x")
     with pytest.raises(ValueError, match="holds no tenslora run"):
         check_run_dir(tmp_path / "foreign", options.identity(), resume=False)
+
+
+@pytest.mark.parametrize("content, problem", [(b"{}", "it lacks 'options'"), (b"[]", "it is not a JSON object"),
+                                              (b'{"options": {', "it does not parse as JSON"),
+                                              (b"\xff\xfe", "it does not parse as JSON")])
+def test_a_run_file_tenslora_did_not_write_is_refused_by_name(tmp_path, capsys, content, problem):
+    """An empty, truncated, binary or other program's run.json: train, eval, merge refuse it in one line naming
+    the file (not a KeyError from deep inside), and leave the folder as it was."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "run.json").write_bytes(content)
+    (folder / "metrics.json").write_text("{}")
+    before = _files(folder)
+    for command in (["train", "--output-dir", str(folder), "--resume"], ["eval", str(folder)],
+                    ["merge", str(folder), str(tmp_path / "merged")]):
+        assert main(command) == 2
+        error = capsys.readouterr().err
+        assert f"'{folder / 'run.json'}' is not the file TensLoRA writes there: {problem}" in error
+        assert len(error.splitlines()) == 1
+    assert _files(folder) == before and not (tmp_path / "merged").exists()
 
 
 # A diverging run

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 RUN_FILE = "run.json"
+RUN_KEYS = ("options", "model", "modality", "labels", "trainable_parameters")  # what eval/merge/... read of it
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
@@ -59,8 +60,25 @@ def write_json(path: str | os.PathLike, data: Mapping[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+def read_json(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str, Any]:
+    """A JSON object TensLoRA wrote, with the ``required`` keys; ``ValueError`` naming the file if it is
+    something else (truncated, damaged, or another program's file of the same name)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise _not_ours(path, f"it does not parse as JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise _not_ours(path, "it is not a JSON object")
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise _not_ours(path, f"it lacks {', '.join(map(repr, missing))}")
+    return data
+
+
+def _not_ours(path: Path, problem: str) -> ValueError:
+    return ValueError(f"'{path}' is not the file TensLoRA writes there: {problem}. It was changed or damaged "
+                      "outside TensLoRA; restore it, or use another folder.")
 
 
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -72,7 +90,7 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not (run_dir / METRICS_FILE).is_file():
         raise ValueError(f"The run in '{run_dir}' has not finished (no {METRICS_FILE}); finish it with "
                          f"`tenslora train --output-dir {run_dir} --resume` and the same options.")
-    return read_json(run_dir / RUN_FILE)
+    return read_json(run_dir / RUN_FILE, required=RUN_KEYS)
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -86,9 +104,10 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
 def _holds_state(checkpoint: Path) -> bool:
     try:
-        return isinstance(read_json(checkpoint / TRAINER_STATE_FILE), dict)
-    except (OSError, ValueError):  # missing, unreadable, truncated (JSONDecodeError and UnicodeDecodeError)
+        read_json(checkpoint / TRAINER_STATE_FILE)
+    except (OSError, ValueError):  # missing, unreadable, truncated, not an object
         return False
+    return True
 
 
 def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], resume: bool) -> bool:
@@ -106,7 +125,7 @@ def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], re
     if not run_file.is_file():
         raise ValueError(f"The output directory '{output_dir}' is not empty and holds no tenslora run; "
                          "choose another --output-dir.")
-    recorded = read_json(run_file)["options"]
+    recorded = read_json(run_file, required=["options"])["options"]
     differences = [f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in identity.items()
                    if recorded.get(key) != value]
     if differences:
@@ -142,7 +161,7 @@ def check_same_labels(output_dir: str | os.PathLike, labels: Sequence[str]) -> N
     run_file = Path(output_dir) / RUN_FILE
     if not run_file.is_file():
         return
-    recorded = read_json(run_file)["labels"]
+    recorded = read_json(run_file, required=["labels"])["labels"]
     if list(labels) != recorded:
         changes = [f"{label!r} now" for label in labels if label not in recorded][:3]
         changes += [f"{label!r} gone" for label in recorded if label not in labels][:3]

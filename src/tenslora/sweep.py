@@ -243,7 +243,7 @@ def recorded_notes(sweep_dir: Path, shared: dict[str, Any]) -> list[str]:
             raise ValueError(f"'{sweep_dir}' holds the results of an earlier version of `tenslora sweep` (no "
                              f"{SWEEP_FILE}); sweep into a new folder.")
         return []
-    recorded = read_json(sweep_dir / SWEEP_FILE)
+    recorded = read_json(sweep_dir / SWEEP_FILE, required=("options", "notes"))
     differences = [f"{key}: {recorded['options'].get(key)!r} there, {value!r} now" for key, value in shared.items()
                    if recorded["options"].get(key) != value]
     if differences:
