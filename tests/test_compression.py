@@ -8,6 +8,7 @@ import pytest
 import tensorly as tl
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from tensorly.decomposition import tensor_train, tucker
 
 import tenslora
@@ -261,17 +262,35 @@ def test_lora_truncated_to_a_budget_is_the_hosvd_of_its_stack():
     assert 0 < report.relative_error < 1
 
 
-def test_from_lora_refusals(tmp_path):
-    with pytest.raises(ValueError, match="exactly one of"):
-        from_lora(_trained_lora(bert, r=2, target_modules=["query"]), "qkv", ranks=2, budget=100)
-    with pytest.raises(ValueError, match="DoRA"):
-        from_lora(_trained_lora(bert, r=2, target_modules=["query"], use_dora=True), "qkv", ranks=2)
+@pytest.mark.parametrize("construction, arguments, lora_options, heads, message", [
+    ("qkv", {"ranks": 2, "budget": 100}, {}, None, "exactly one of"),
+    ("qkv", {"ranks": 2}, {"use_dora": True}, None, "DoRA"),
+    ("qkv", {"ranks": 2}, {"target_modules": ["query", "pooler.dense"]}, None, "not attention or MLP projections"),
+    ("qkv", {"ranks": 2, "factorization": "cp"}, {}, None, "HOSVD"),
+    ("qkv", {"budget": 10}, {}, None, "come near a budget of 10"),
+    ("qkv", {"ranks": 2, "roles": ["q", "gate"]}, {}, None, r"No module pattern for role\(s\) \['gate'\]"),
+    ("att", {"ranks": 2}, {}, 5, "not divisible by the number of attention heads 5"),
+])
+def test_from_lora_refuses_before_it_consumes_the_lora(construction, arguments, lora_options, heads, message):
+    """A refusal leaves the caller's LoRA model whole: its layers and its outputs as they were (``heads``: a
+    config whose head count does not divide the 32 features, which only the construction's plan checks)."""
+    lora = _trained_lora(bert, r=2, **{"target_modules": ["query"], **lora_options})
+    if heads is not None:
+        lora.get_base_model().config.num_attention_heads = heads
+    layers, expected = _lora_layers(lora), _logits(lora)
+    with pytest.raises(ValueError, match=message):
+        from_lora(lora, construction, **arguments)
+    assert layers and _lora_layers(lora) == layers
+    torch.testing.assert_close(_logits(lora), expected, atol=0, rtol=0)
+
+
+def _lora_layers(model: PeftModel) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def test_from_lora_needs_the_base_of_an_adapter_folder(tmp_path):
     with pytest.raises(ValueError, match="pass base_model="):
         from_lora(tmp_path, "qkv", ranks=2)
-    with pytest.raises(ValueError, match="not attention or MLP projections"):
-        from_lora(_trained_lora(bert, r=2, target_modules=["query", "pooler.dense"]), "qkv", ranks=2)
-    with pytest.raises(ValueError, match="HOSVD"):
-        from_lora(_trained_lora(bert, r=2, target_modules=["query"]), "qkv", ranks=2, factorization="cp")
 
 
 # ---------------------------------------------------------------------------------------------------------------

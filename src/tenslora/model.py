@@ -41,7 +41,8 @@ _BANKS = "tenslora_tensors"
 
 
 def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target], Geometry]:
-    """The modules an adapter will wrap and the geometry of its tensors, checked against the real modules."""
+    """The modules an adapter will wrap and the geometry of its tensors, checked against the real modules: every
+    check of the model an adapter must pass before anything is allocated or changed."""
     model_config = getattr(model, "config", None)
     model_type = None if model_config is None else config_value(model_config, "model_type")
     patterns = role_patterns_for(model_type, config.role_patterns, config.roles)
@@ -83,6 +84,8 @@ def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target]
     if missing_roles:
         raise ValueError(f"No module was found for role(s) {missing_roles}; fix `role_patterns` or `roles`.")
     check_geometry(config, geometry)
+    _check_one_module_per_slot(targets)
+    _check_adapter_size(config, geometry)
     return targets, geometry
 
 
@@ -126,8 +129,6 @@ class TensLoraModel(BaseTuner):
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         config = self._config_for_this_model(adapter_name)
         targets, geometry = plan_targets(model, config)
-        _check_one_module_per_slot(targets)
-        _check_adapter_size(config, geometry)
         # Under low_cpu_mem_usage (PeftModel.from_pretrained builds the whole tuner so) the factors are created on
         # the meta device, as LoRA's are, and the loaded tensors are assigned in their place.
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():

@@ -7,6 +7,7 @@ projection (the scaled updates, as merged). The mathematics is in ``compression.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -170,7 +171,7 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
         raise ValueError("Give exactly one of `ranks` and `budget` to fit a LoRA.")
     if factorization not in ("tucker", "tt"):
         raise ValueError(f"A LoRA is fitted by HOSVD (factorization 'tucker') or TT-SVD ('tt'), not {factorization!r}.")
-    # The names and the rank spec are checked before the LoRA is consumed.
+    # Everything is checked before the LoRA is consumed: an error leaves the caller's model as it was.
     TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks or 1, layout=layout)
     if not isinstance(lora, PeftModel):
         if base_model is None:
@@ -184,8 +185,8 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
     deltas = delta_weights(lora, adapter_name)
     lora_parameters = sum(parameter.numel() for name, parameter in lora.named_parameters()
                           if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name)
-    base = lora.unload()
-    roles = list(roles) if roles is not None else _lora_roles(base, deltas)
+    adapted = lora.get_base_model()  # the base with the LoRA layers still in: every check runs on it
+    roles = list(roles) if roles is not None else _lora_roles(adapted, deltas)
     config = TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks or 1, roles=roles,
                             task_type=lora_config.task_type, modules_to_save=lora_config.modules_to_save,
                             bias=_TENSLORA_BIAS[lora_config.bias], dropout=lora_config.lora_dropout,
@@ -194,9 +195,10 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
     if budget is not None:
         rules = PRESETS[construction].tucker_ranks if construction in PRESETS else None
         fixed = {mode: "full" for mode, rule in (rules or {}).items() if rule == "full"} or None
-        config.ranks = match_budget(config.construction, config.factorization, budget, base.config, roles=roles,
+        config.ranks = match_budget(config.construction, config.factorization, budget, adapted.config, roles=roles,
                                     fixed=fixed, layout=layout)
-    model = get_peft_model(base, config, adapter_name=adapter_name)
+    plan_targets(adapted, copy.deepcopy(config))  # what get_peft_model would refuse, refused while the LoRA is whole
+    model = get_peft_model(lora.unload(), config, adapter_name=adapter_name)
     bank: TensorBank = model.base_model.tenslora_tensors[adapter_name]
     dense = {key: torch.zeros(*tensor.sizes.values(), dtype=torch.float64) for key, tensor in bank.tensors.items()}
     known = {key: torch.zeros(*tensor.sizes.values(), dtype=torch.bool) for key, tensor in bank.tensors.items()}

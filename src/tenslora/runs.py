@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 RUN_FILE = "run.json"
-RUN_KEYS = ("options", "model", "modality", "labels", "trainable_parameters")  # what eval/merge/... read of it
+RUN_KEYS = ("options", "model", "modality", "pooling", "labels")  # what eval, merge, export-lora read of it
 METRICS_FILE = "metrics.json"
 HISTORY_FILE = "history.csv"
 TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
