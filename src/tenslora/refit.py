@@ -163,7 +163,7 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
     ``layout="blocks"``), then truncated by HOSVD
     (``tucker``) or TT-SVD (``tt``) to ``ranks`` or to the ranks whose count is nearest ``budget``. ``lora`` is a
     ``PeftModel`` or a LoRA adapter folder (then ``base_model`` is the model it was trained on). The LoRA model is
-    consumed: its LoRA layers are removed and the TensLoRA adapter is put on the same base, with the LoRA's
+    consumed once every check has passed (a refusal leaves it whole): its LoRA layers are removed and the TensLoRA adapter is put on the same base, with the LoRA's
     trained ``modules_to_save`` (the head) and biases. ``roles`` defaults to those the LoRA adapts. The stacked
     tensors are formed densely here, once (a 7B model's all-linear tensors would need tens of GB).
     """
