@@ -205,7 +205,9 @@ def test_two_processes_reach_the_weights_of_one_with_the_global_batch(distribute
     expected, got = trained_weights(model), distributed[name]["weights"]
     assert got.keys() == expected.keys()
     assert any("tenslora_tensors" in key for key in got) and any("classifier" in key for key in got)
-    assert max((got[key] - expected[key]).abs().max().item() for key in got) <= TOLERANCE
+    difference = max((got[key] - expected[key]).abs().max().item() for key in got)
+    print(f"{name}: {difference:.1e} apart")
+    assert difference <= TOLERANCE
     moved = min((expected[key] - initial[key]).abs().max().item() for key in got)
     assert moved > 1e-3, "a tensor did not move in training: the comparison would prove little"
 
@@ -214,6 +216,8 @@ def test_two_processes_reach_the_weights_of_one_with_the_global_batch(distribute
 def test_ddp_reduces_every_trained_tensor_once_per_optimizer_step(distributed, name):
     """The shared factors' gradients are all-reduced once per step: not per layer, not per micro-batch."""
     result = distributed[name]
+    print(f"{name}: {result['reduced_per_step']} elements all-reduced in steps 1-{STEPS}, {result['trainable']} "
+          "trainable")
     assert result["reduced_per_step"] == [result["trainable"]] * STEPS
 
 
@@ -296,11 +300,11 @@ def run_options(root: Path) -> dict[str, Any]:
     return dict(RUN, data_dir=str(root / "mrpc"), model=str(root / "bert"))
 
 
-def launch(launcher: list[str], root: Path, out: Path, *extra: str) -> None:
+def launch(launcher: list[str], root: Path, out: Path, *extra: str, batch_size: int = 4) -> None:
     """``python -m <launcher> -m tenslora train`` with per-process batch 4, auditing the writes into ``out``."""
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in run_options(root).items()]
-    command = [sys.executable, "-m", *launcher, "-m", "tenslora", "train", *flags, "--no-bf16", "--batch-size=4",
-               f"--output-dir={out}", *extra]
+    command = [sys.executable, "-m", *launcher, "-m", "tenslora", "train", *flags, "--no-bf16",
+               f"--batch-size={batch_size}", f"--output-dir={out}", *extra]
     python_path = [str(root / "audit"), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(python_path), TENSLORA_AUDITED_DIR=str(out),
                TENSLORA_AUDIT_LOG=str(root / out.name))
@@ -346,11 +350,27 @@ def resumed_run(cli_root, torchrun_run) -> Path:
     return out
 
 
-def test_torchrun_reaches_the_adapter_of_one_process_with_double_batch(cli_root, torchrun_run, tmp_path):
-    single = run_training(TrainOptions(**run_options(cli_root), bf16=False, batch_size=8,
-                                       output_dir=str(tmp_path / "single")))
-    assert json.loads((torchrun_run / "metrics.json").read_text())["steps"] == single["steps"] == 8
-    assert adapter_difference(torchrun_run, tmp_path / "single") <= TOLERANCE
+@pytest.fixture(scope="module")
+def single_run(cli_root) -> Path:
+    """The same run in one process with the global batch, 8."""
+    out = cli_root / "single"
+    assert run_training(TrainOptions(**run_options(cli_root), bf16=False, batch_size=8, output_dir=str(out)))[
+        "steps"] == 8
+    return out
+
+
+@pytest.mark.parametrize("batch_size, accumulation", [(4, 1), (2, 2)])
+def test_torchrun_reaches_the_adapter_of_one_process_with_the_global_batch(cli_root, single_run, torchrun_run,
+                                                                         batch_size, accumulation):
+    """2 processes x batch 4, or x batch 2 x 2 accumulated micro-batches: the adapter of 1 process x batch 8."""
+    run = torchrun_run
+    if accumulation > 1:
+        run = cli_root / "accumulated"
+        launch(TORCHRUN, cli_root, run, f"--gradient-accumulation={accumulation}", batch_size=batch_size)
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 8
+    difference = adapter_difference(run, single_run)
+    print(f"{WORLD} processes x batch {batch_size} x {accumulation} against 1 x batch 8: {difference:.1e} apart")
+    assert difference <= TOLERANCE
 
 
 def test_accelerate_launch_resumes_a_multi_process_run(torchrun_run, resumed_run):
