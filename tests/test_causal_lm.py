@@ -119,6 +119,7 @@ def test_text_run_writes_loss_and_perplexity_then_evaluates(tiny, tmp_path):
     validation = evaluate_run(str(out), "validation", {"test_file": str(tiny / "pairs-test.jsonl"),
                                                         "train_file": str(tiny / "pairs-train.jsonl")})
     assert validation["validation_perplexity"] == pytest.approx(math.exp(validation["validation_loss"]))
+    assert validation["validation_loss"] != pytest.approx(metrics["validation"]["loss"], rel=1e-3)  # the files given
 
 
 def test_prompt_completion_run_resumes_from_its_last_checkpoint(tiny, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tenslora
-from tenslora.cli import main
+from tenslora.cli import format_training_report, main
 from tenslora.modeling import load_trained_model
 from tenslora.runs import read_run
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
@@ -53,10 +53,18 @@ def test_help_lists_the_options(capsys, monkeypatch):
     assert "glue-mrpc" in help_text and "(default: qkv_depth)" in help_text
 
 
-def test_train_prints_the_report(mean_run, capsys):
+def test_train_prints_the_report(tiny, mean_run, capsys):  # noqa: F811
+    """The run's own command again, with --resume: the finished run's report, read back, not trained again."""
     metrics = json.loads((mean_run / "metrics.json").read_text())
     assert read_run(mean_run)["pooling"] == "mean"
     assert metrics["options"]["epochs"] == 2.0 and metrics["options"]["bf16"] is False
+    capsys.readouterr()
+    assert _train(tiny, mean_run, "--model", str(tiny / "bert"), "--epochs", "2", "--resume") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-5:] == format_training_report(metrics).splitlines()
+    assert printed[-5].startswith(f"glue-mrpc / {metrics['method']}: test accuracy {metrics['test']['accuracy']:.4f}")
+    assert f"trainable parameters: {metrics['trainable_parameters']:,} (adapter " in printed[-4]
+    assert json.loads((mean_run / "metrics.json").read_text()) == metrics
 
 
 def test_config_file_with_flags_overriding_it(tiny, tmp_path, capsys):  # noqa: F811
