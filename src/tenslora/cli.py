@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="fine-tune a model with a tensor adapter (no argument: a "
-                                "5-minute demo on WordNet supersenses)",
+                                "few-minute demo on WordNet supersenses)",
                                 description="Fine-tune with a TensLoRA adapter (transformers.Trainer). With no "
                                 "argument: all-MiniLM-L6-v2 on WordNet supersenses, a few minutes on 2 CPU cores.")
     _add_train_arguments(train)
