@@ -156,7 +156,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"--task {CAUSAL_LM_TASK}: quantize the frozen base to 8 bits (bitsandbytes LLM.int8())")
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--construction", help="att, qkv, depth, att_qkv, att_depth, qkv_depth, att_qkv_depth, "
-                         "matrix, or a preset: lora, lotr, fact_tt, lorta" + _default("construction"))
+                         "matrix, fused_qkv_depth, att_fused_qkv_depth, or a preset: lora, lotr, fact_tt, fact_tk, "
+                         "lorta" + _default("construction"))
     adapter.add_argument("--ranks", help="8 (every mode), 8,8,3,4 (in mode order) or in=8,out=8,qkv=3,depth=4"
                          + _default("ranks"))
     adapter.add_argument("--budget", help="isoparameter ranks instead of --ranks: lora:8 (LoRA rank 8's parameter "
