@@ -160,12 +160,12 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
 
     The LoRA updates ``B A * scaling`` are stacked into the construction's tensors (each family its own, ``o`` and
     ``down`` transposed, grouped-query k/v zero-padded as training lays them out; cut into d x d blocks under
-    ``layout="blocks"``), then truncated by HOSVD
-    (``tucker``) or TT-SVD (``tt``) to ``ranks`` or to the ranks whose count is nearest ``budget``. ``lora`` is a
-    ``PeftModel`` or a LoRA adapter folder (then ``base_model`` is the model it was trained on). The LoRA model is
-    consumed once every check has passed (a refusal leaves it whole): its LoRA layers are removed and the TensLoRA adapter is put on the same base, with the LoRA's
-    trained ``modules_to_save`` (the head) and biases. ``roles`` defaults to those the LoRA adapts. The stacked
-    tensors are formed densely here, once (a 7B model's all-linear tensors would need tens of GB).
+    ``layout="blocks"``), then truncated by HOSVD (``tucker``) or TT-SVD (``tt``) to ``ranks`` or to the ranks
+    whose count is nearest ``budget``. ``lora`` is a ``PeftModel`` or a LoRA adapter folder (then ``base_model`` is
+    the model it was trained on). The LoRA model is consumed once every check has passed (a refusal leaves it
+    whole): its LoRA layers are removed and the TensLoRA adapter is put on the same base, with the LoRA's trained
+    ``modules_to_save`` (the head) and biases. ``roles`` defaults to those the LoRA adapts. The stacked tensors are
+    formed densely here, once (a 7B model's all-linear tensors would need tens of GB).
     """
     if (ranks is None) == (budget is None):
         raise ValueError("Give exactly one of `ranks` and `budget` to fit a LoRA.")
