@@ -72,6 +72,14 @@ def test_layer_pattern_must_compile_and_capture_the_layer():
     assert TensLoraConfig(layer_pattern=r"\.layer\.(\d+)\.").layer_pattern == r"\.layer\.(\d+)\."
 
 
+
+@pytest.mark.parametrize("pattern, captured", [(r"encoder\.(\w+)\.", "'layer'"), (r"encoder\.(x)?layer", "None")])
+def test_a_layer_pattern_that_captures_no_number_is_named(pattern, captured):
+    with pytest.raises(ValueError, match=rf"The layer pattern .* captures {captured} in module 'bert\.encoder\.layer"
+                       r"\.0\.attention\.self\.query', not a layer number"):
+        get_peft_model(bert(), TensLoraConfig(layer_pattern=pattern))
+
+
 def test_role_patterns_must_compile_and_name_roles():
     with pytest.raises(ValueError, match="The pattern of role 'k' in `role_patterns` 'attn.k\\[' is not a valid"):
         TensLoraConfig(role_patterns={"q": r"attn\.q", "k": r"attn.k["})

@@ -150,7 +150,13 @@ def find_targets(module_names: Iterable[str], patterns: Mapping[str, str], roles
                 f"Module '{name}' matches role(s) {list(adapted)} but no layer index was found in its name with "
                 f"the pattern {layer_regex.pattern!r}; pass `layer_pattern` (a regex with one group) in the config."
             )
-        layer = int(match.group(1))
+        index = match.group(1)
+        if index is None or not index.isdigit():
+            raise ValueError(
+                f"The layer pattern {layer_regex.pattern!r} captures {index!r} in module '{name}', not a layer "
+                r"number; its first group must capture the digits of the layer index (e.g. r'layers\.(\d+)\.')."
+            )
+        layer = int(index)
         if layers_to_transform is None or layer in layers_to_transform:
             targets.append(Target(name, adapted, fused, layer))
     return targets
