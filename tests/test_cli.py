@@ -14,8 +14,10 @@ import torch
 import tenslora
 from tenslora.cli import format_training_report, main
 from tenslora.modeling import load_trained_model
+from tenslora.options import TrainOptions
 from tenslora.runs import read_run
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
+from test_validation import custom_code_model
 from tiny_tasks import write_text_files
 
 FLAGS = ["--epochs", "1", "--batch-size", "8", "--lr", "1e-2", "--max-length", "32", "--no-bf16"]
@@ -196,3 +198,30 @@ def test_python_dash_m_exit_code(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tenslora", "train", "--train-file", str(tmp_path / "x.csv")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", [["eval"], ["merge", "OUT"], ["export-lora", "OUT"],
+                                     ["compress", "OUT", "--energy", "0.5"]])
+def test_a_run_folder_cannot_grant_itself_trust_remote_code(tmp_path, capsys, monkeypatch, command):
+    """A run whose run.json records --trust-remote-code, around a model with code of its own: the commands that
+    load it refuse without the flag (nothing runs), and pass the permission on with it."""
+    run = custom_code_model(tmp_path / "run")  # the run folder's tokenizer files ask for code of their own
+    adapter = {"construction": "qkv", "factorization": "tucker", "ranks": {"in": 1, "out": 1, "qkv": 1}}
+    (run / "run.json").write_text(json.dumps({"options": TrainOptions(trust_remote_code=True).identity(),
+                                              "model": str(run), "modality": "text", "pooling": "cls",
+                                              "labels": ["a", "b"], "adapter": adapter}))
+    (run / "metrics.json").write_text("{}")
+    arguments = [command[0], str(run), *[str(tmp_path / "out") if item == "OUT" else item for item in command[1:]]]
+    assert main(arguments) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--trust-remote-code" in line and "auto_map" in line and not (run / "RAN").exists()
+    calls = []
+
+    def tokenizer(name, **kwargs):  # stands in for the model's own code, which this test does not run
+        calls.append(kwargs.get("trust_remote_code"))
+        raise ValueError("stopped after the tokenizer")
+
+    monkeypatch.setattr(tenslora.modeling.AutoTokenizer, "from_pretrained", tokenizer)
+    assert main([*arguments, "--trust-remote-code"]) == 2
+    assert calls == [True] and "stopped after the tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

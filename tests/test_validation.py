@@ -271,7 +271,7 @@ def test_max_length_is_checked_against_the_model():
         TrainOptions(max_length=513).check_model_limits(roberta, argparse.Namespace(model_max_length=10**30))
 
 
-def _custom_code_model(folder: Path) -> Path:
+def custom_code_model(folder: Path) -> Path:
     """A model folder whose config asks for its own code; the code, if ever run, leaves a marker file."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({
@@ -283,7 +283,7 @@ def _custom_code_model(folder: Path) -> Path:
 
 
 def test_model_code_is_never_run_without_trust_remote_code(tmp_path, capsys, monkeypatch):
-    model = _custom_code_model(tmp_path / "model")
+    model = custom_code_model(tmp_path / "model")
     data = write_text_files(tmp_path / "data", labels=("a", "b"))
     monkeypatch.setattr(tenslora.cli, "run_training", tenslora.train.run_training)
     monkeypatch.setattr("sys.stdin", None)  # a prompt would fail loudly
@@ -307,7 +307,7 @@ def test_model_code_is_never_run_without_trust_remote_code(tmp_path, capsys, mon
 
 
 def test_trust_remote_code_reaches_the_loaders(tmp_path, monkeypatch):
-    model = _custom_code_model(tmp_path / "model")
+    model = custom_code_model(tmp_path / "model")
     calls = []
 
     def record(name, **kwargs):

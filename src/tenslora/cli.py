@@ -286,13 +286,13 @@ def command_params(args: argparse.Namespace) -> int:
 
 
 def command_merge(args: argparse.Namespace) -> int:
-    out = merge_run(args.run_dir, args.out_dir)
+    out = merge_run(args.run_dir, args.out_dir, bool(args.trust_remote_code))
     print(f"merged model written to {out}/ (loads without tenslora; see docs/cli.md)")
     return 0
 
 
 def command_export_lora(args: argparse.Namespace) -> int:
-    out = export_run(args.run_dir, args.out_dir)
+    out = export_run(args.run_dir, args.out_dir, bool(args.trust_remote_code))
     print(f"LoRA adapter written to {out}/ (PeftModel.from_pretrained loads it without tenslora; see docs/cli.md)")
     return 0
 
@@ -302,7 +302,8 @@ def command_compress(args: argparse.Namespace) -> int:
         raise ValueError("Give one of --ranks, --energy and --budget: the ranks, the share of each mode's energy kept "
                          "(e.g. 0.99) or a parameter count (lora:4 or a number).")
     ranks = None if args.ranks is None else parse_ranks(args.ranks)
-    summary = compress_run(args.run_dir, args.out_dir, ranks, args.energy, args.budget, args.eval, args.split)
+    summary = compress_run(args.run_dir, args.out_dir, ranks, args.energy, args.budget, args.eval, args.split,
+                           bool(args.trust_remote_code))
     before, after = summary["parameters_before"], summary["parameters_after"]
     lines = [f"compressed adapter written to {args.out_dir}/ (`tenslora eval {args.out_dir}` evaluates it)",
              f"ranks: {summary['ranks_before']} -> {summary['ranks_after']}",
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", help="per device (default: the run's)")
     evaluate.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                           help="bfloat16 autocast (default: the run's)")
+    _add_trust_argument(evaluate)
     evaluate.set_defaults(handler=command_eval)
 
     params = commands.add_parser("params", help="trainable parameters of every construction, from a model's config",
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "without tenslora.")
     merge.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
     merge.add_argument("out_dir", metavar="OUT_DIR", help="where to write the merged model (must not exist)")
+    _add_trust_argument(merge)
     merge.set_defaults(handler=command_merge)
 
     export = commands.add_parser("export-lora", help="write a run's adapter as a standard PEFT LoRA adapter (exact)",
@@ -375,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "for PeftModel.from_pretrained without tenslora and for LoRA serving engines.")
     export.add_argument("run_dir", metavar="RUN_DIR", help="the --output-dir of a `tenslora train` run")
     export.add_argument("out_dir", metavar="OUT_DIR", help="where to write the adapter (new or empty folder)")
+    _add_trust_argument(export)
     export.set_defaults(handler=command_export_lora)
 
     compress = commands.add_parser("compress", help="truncate a run's Tucker / tensor-train adapter to smaller ranks "
@@ -392,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--budget", help="the ranks nearest a parameter count: lora:4 (LoRA rank 4's) or a number")
     compress.add_argument("--eval", action="store_true", help="score the run and the compressed one on --split")
     compress.add_argument("--split", choices=["test", "validation", "train"], default="test", help="(default: test)")
+    _add_trust_argument(compress)
     compress.set_defaults(handler=command_compress)
     return parser
 

@@ -193,15 +193,17 @@ def dequantized_causal_lm(model: str, quantization: str, trust_remote_code: bool
     return dense
 
 
-def load_trained_model(run_dir: str, run: dict, dequantize: bool = False) -> tuple[nn.Module, object]:
+def load_trained_model(run_dir: str, run: dict, dequantize: bool = False,
+                       trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """The model and pre-processor a ``tenslora train`` run saved: base + adapter (a ``PeftModel``), or
-    the whole model for a head-only run. ``run`` is the run's ``run.json``, whose options say whether the
-    run was allowed to execute the model's own code (``trust_remote_code``) and how its base was quantized.
+    the whole model for a head-only run. ``run`` is the run's ``run.json``, which says how its base was quantized.
+    Whether the model's own code may run is the caller's ``trust_remote_code``, never the run's record: a run
+    folder received from someone else cannot grant itself that permission.
 
     A quantized base is loaded quantized, as trained; with ``dequantize``, dense (``dequantized_causal_lm``),
     for merging into plain weights or exporting.
     """
-    trust = bool(run["options"].get("trust_remote_code", False))
+    trust = trust_remote_code
     preprocessor = load_preprocessor(run_dir, run["modality"], trust)
     if "adapter" not in run:
         return from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust), preprocessor

@@ -23,11 +23,12 @@ from .train import evaluate_run
 
 def compress_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ranks: Any = None,
                  energy: float | None = None, budget: str | None = None, evaluate: bool = False,
-                 split: str = "test") -> dict[str, Any]:
+                 split: str = "test", trust_remote_code: bool = False) -> dict[str, Any]:
     """Compress the run's adapter (one of ``ranks``, ``energy`` or ``budget``: ``"lora:4"`` or a parameter count)
     into the new run folder ``out_dir`` (new or empty; it appears whole or not at all); return its ``metrics.json``.
 
     With ``evaluate`` both runs are scored on ``split`` (``evaluate_run``), recorded as ``before`` and ``after``.
+    ``trust_remote_code`` as in ``merge_run``.
     """
     check_compression_target(ranks, energy, budget)
     if budget is not None:
@@ -39,7 +40,7 @@ def compress_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ranks: 
     if ranks is not None:  # the rank spec's shape, before the model is loaded
         TensLoraConfig(construction=run["adapter"]["construction"], factorization=run["adapter"]["factorization"],
                        ranks=ranks)
-    model, preprocessor = load_trained_model(str(run_dir), run)
+    model, preprocessor = load_trained_model(str(run_dir), run, trust_remote_code=trust_remote_code)
     if budget is not None:
         budget = budget_parameters(budget, model.base_model.model.config, model.peft_config["default"].roles)
     report = compress_adapter(model, ranks=ranks, energy=energy, budget=budget)
@@ -56,10 +57,10 @@ def compress_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ranks: 
         write_json(staging / RUN_FILE, compressed)
         write_json(staging / METRICS_FILE, summary)
     if evaluate:
-        prefix = f"{split}_"
+        prefix, permission = f"{split}_", {"trust_remote_code": trust_remote_code}
         summary["evaluation"] = {
             "split": split,
-            **{when: {key[len(prefix):]: value for key, value in evaluate_run(str(folder), split).items()
+            **{when: {key[len(prefix):]: value for key, value in evaluate_run(str(folder), split, permission).items()
                       if key.startswith(prefix)}
                for when, folder in (("before", run_dir), ("after", out_dir))},
         }

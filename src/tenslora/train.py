@@ -342,11 +342,12 @@ def _train(options: TrainOptions, prepared: Prepared, output_dir: str, start: fl
 def evaluate_run(run_dir: str, split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Scores of a trained run on ``split`` of its own data, or of the data ``overrides`` name.
 
-    The data must have the run's classes, in the same order (the head's outputs follow it).
+    The data must have the run's classes, in the same order (the head's outputs follow it). The model's own code
+    runs only with ``trust_remote_code`` in ``overrides``: the caller's permission, never the run folder's.
     """
     run = read_run(run_dir)
     overrides = dict(overrides or {})
-    recorded = dict(run["options"])
+    recorded = {key: value for key, value in run["options"].items() if key != "trust_remote_code"}
     if any(key in overrides for key in DATA_SOURCE_KEYS):
         for key in DATA_SOURCE_KEYS:
             recorded.pop(key, None)
@@ -354,7 +355,7 @@ def evaluate_run(run_dir: str, split: str = "test", overrides: dict[str, Any] | 
             overrides.setdefault("task", CAUSAL_LM_TASK)
     options = options_from_mapping({**recorded, **overrides})
     torch.set_num_threads(options.threads or 1)
-    model, preprocessor = load_trained_model(run_dir, run)
+    model, preprocessor = load_trained_model(run_dir, run, trust_remote_code=bool(options.trust_remote_code))
     task = inputs.load(options)
     if task.labels != run["labels"]:
         raise ValueError(f"The data's classes {task.labels[:5]}... differ from the run's {run['labels'][:5]}...; "
