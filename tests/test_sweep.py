@@ -23,10 +23,11 @@ import pytest
 import tenslora.sweep
 from tenslora.cli import main
 from tenslora.options import TrainOptions
-from tenslora.runs import atomic_destination, check_not_busy
+from tenslora.runs import LOCK_FILE, atomic_destination, check_not_busy
 from tenslora.sweep import plan, points, run_sweep
 from tenslora.train import TrainingDiverged
 from test_cli import FLAGS, _error_line
+from test_run_safety import _hold_lock_in_another_process
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 
 #: The test flags without the learning rate, which each sweep gives (--lr or --lrs).
@@ -121,6 +122,27 @@ def test_sweep_with_other_shared_options_into_the_same_folder_is_refused(tiny, s
     assert _sweep(tiny, sweep_dir, "--seeds", "0", "--lora-rank", "2", "--max-length", "16") == 2
     assert "holds a sweep with other shared options (max_length: 32 there, 16 now)" in _error_line(capsys)
     assert (sweep_dir / "results.csv").read_bytes() == before
+
+
+def test_a_sweep_into_a_busy_or_foreign_folder_is_refused(tiny, sweep_dir, tmp_path, capsys):  # noqa: F811
+    """While a sweep runs in the folder (it holds the lock), a second one is refused before it writes anything (it
+    would rewrite the reports without the first one's rows); a folder of other files is not taken for a sweep's."""
+    before = {name: (sweep_dir / name).read_bytes() for name in ("results.csv", "results.md", "sweep.json")}
+    holder = _hold_lock_in_another_process(sweep_dir / LOCK_FILE)
+    try:
+        assert _sweep(tiny, sweep_dir, "--seeds", "5", "--lrs", "1e-2") == 2
+        assert f"Another `tenslora sweep` is running in '{sweep_dir}'" in _error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert {name: (sweep_dir / name).read_bytes() for name in before} == before
+    assert not list((sweep_dir / "runs").glob("*seed5"))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "results.md").write_text("my notes")
+    assert _sweep(tiny, notes, "--seeds", "0") == 2
+    assert f"'{notes}' is not empty and holds no sweep (no sweep.json)" in _error_line(capsys)
+    assert (notes / "results.md").read_text() == "my notes" and not (notes / "runs").exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -196,13 +196,20 @@ def run_lock(run_dir: str | os.PathLike, hold: bool = True) -> Iterator[None]:
     if not hold:
         yield
         return
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / LOCK_FILE)
+    with folder_lock(Path(run_dir), _busy):
+        yield
+
+
+@contextmanager
+def folder_lock(folder: Path, busy: Callable[[Path], ValueError]) -> Iterator[None]:
+    """Create ``folder`` and hold the exclusive lock on its ``LOCK_FILE`` for the block; raise ``busy(folder)``
+    if another process holds it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_FILE)
     try:
         lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
-        raise _busy(run_dir) from None
+        raise busy(folder) from None
     try:
         yield
     finally:

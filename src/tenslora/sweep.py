@@ -32,7 +32,7 @@ from .inputs import task_spec
 from .modeling import default_model, load_model_config
 from .options import TrainOptions, adapter_config, default_value
 from .params import format_ranks
-from .runs import read_json, write_json
+from .runs import LOCK_FILE, folder_lock, read_json, write_json
 from .sweep_report import DIVERGED, RowKey, read_csv, row_key, select_learning_rates, write_reports
 from .train import TrainingDiverged, run_training
 
@@ -242,6 +242,9 @@ def recorded_notes(sweep_dir: Path, shared: dict[str, Any]) -> list[str]:
         if (sweep_dir / RESULTS_FILE).exists():
             raise ValueError(f"'{sweep_dir}' holds the results of an earlier version of `tenslora sweep` (no "
                              f"{SWEEP_FILE}); sweep into a new folder.")
+        if any(path.name != LOCK_FILE for path in sweep_dir.iterdir()):
+            raise ValueError(f"'{sweep_dir}' is not empty and holds no sweep (no {SWEEP_FILE}); sweep into a new or "
+                             "empty folder (the sweep writes runs/, results.csv, results.md and results.png there).")
         return []
     recorded = read_json(sweep_dir / SWEEP_FILE, required=("options", "notes"))
     differences = [f"{key}: {recorded['options'].get(key)!r} there, {value!r} now" for key, value in shared.items()
@@ -250,6 +253,11 @@ def recorded_notes(sweep_dir: Path, shared: dict[str, Any]) -> list[str]:
         raise ValueError(f"The sweep folder '{sweep_dir}' holds a sweep with other shared options "
                          f"({'; '.join(differences)}); choose another folder, or repeat those options to continue it.")
     return recorded["notes"]
+
+
+def _busy(sweep_dir: Path) -> ValueError:
+    return ValueError(f"Another `tenslora sweep` is running in '{sweep_dir}' (it holds {sweep_dir / LOCK_FILE}); "
+                      "wait for it to finish, or sweep into another folder.")
 
 
 def model_config_of(base: TrainOptions) -> Any:
@@ -284,41 +292,41 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
         raise ValueError(f"The selection seed {select_on_seed} is not among the seeds {list(seeds)}; add it to them.")
     runs = plan(base, sweep_dir, candidates, seeds, lrs)  # every run's options checked before anything is loaded
     shared = shared_options(base)
-    notes = recorded_notes(sweep_dir, shared)
-    model_config = model_config_of(base) if any(p.condition == "isoparameter" for p in candidates) else None
-    planned, skipped = reachable(candidates, base, model_config)
-    for note in skipped:
-        print(note, flush=True)
-    notes = list(dict.fromkeys([*notes, *skipped]))
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json(sweep_dir / SWEEP_FILE, {"options": shared, "notes": notes})
+    with folder_lock(sweep_dir, _busy):  # one sweep at a time writes the folder's reports
+        notes = recorded_notes(sweep_dir, shared)
+        model_config = model_config_of(base) if any(p.condition == "isoparameter" for p in candidates) else None
+        planned, skipped = reachable(candidates, base, model_config)
+        for note in skipped:
+            print(note, flush=True)
+        notes = list(dict.fromkeys([*notes, *skipped]))
+        write_json(sweep_dir / SWEEP_FILE, {"options": shared, "notes": notes})
 
-    kept = set(planned)
-    first = [run for run in runs if run.point in kept and select_on_seed in (None, run.seed)]
-    table = {row["name"]: row for row in read_csv(sweep_dir / RESULTS_FILE)}
-    total = len(first) + len(planned) * (len(seeds) - len({run.seed for run in first}))
-    done = 0
+        kept = set(planned)
+        first = [run for run in runs if run.point in kept and select_on_seed in (None, run.seed)]
+        table = {row["name"]: row for row in read_csv(sweep_dir / RESULTS_FILE)}
+        total = len(first) + len(planned) * (len(seeds) - len({run.seed for run in first}))
+        done = 0
 
-    def record(run: PlannedRun, metrics: dict[str, Any]) -> None:
-        nonlocal done
-        done += 1
-        table[run.name] = result_row(run, metrics)
-        write_reports(sweep_dir, list(table.values()), notes)
-        scores = ", ".join(f"{key}={value:.4f}" for key, value in table[run.name].items()
-                           if key.startswith(("validation_", "test_")))
-        print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
+        def record(run: PlannedRun, metrics: dict[str, Any]) -> None:
+            nonlocal done
+            done += 1
+            table[run.name] = result_row(run, metrics)
+            write_reports(sweep_dir, list(table.values()), notes)
+            scores = ", ".join(f"{key}={value:.4f}" for key, value in table[run.name].items()
+                               if key.startswith(("validation_", "test_")))
+            print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
 
-    execute(first, jobs, record)
-    choosing = sorted({run.seed for run in first})
-    for _ in range(MAX_WIDENINGS if widen else 0):
-        beyond = [run for point, rate in beyond_edges(planned, list(table.values())).items()
-                  for run in plan(base, sweep_dir, [point], choosing, [rate])]
-        if not beyond:
-            break
-        total += len(beyond)
-        execute(beyond, jobs, record)
-    if select_on_seed is not None:
-        chosen = select_learning_rates(list(table.values()))
-        execute([run for seed in seeds if seed != select_on_seed for point in planned
-                 for run in plan(base, sweep_dir, [point], [seed], [chosen[point.key]])], jobs, record)
-    return list(table.values())
+        execute(first, jobs, record)
+        choosing = sorted({run.seed for run in first})
+        for _ in range(MAX_WIDENINGS if widen else 0):
+            beyond = [run for point, rate in beyond_edges(planned, list(table.values())).items()
+                      for run in plan(base, sweep_dir, [point], choosing, [rate])]
+            if not beyond:
+                break
+            total += len(beyond)
+            execute(beyond, jobs, record)
+        if select_on_seed is not None:
+            chosen = select_learning_rates(list(table.values()))
+            execute([run for seed in seeds if seed != select_on_seed for point in planned
+                     for run in plan(base, sweep_dir, [point], [seed], [chosen[point.key]])], jobs, record)
+        return list(table.values())
