@@ -331,3 +331,10 @@ def test_compress_command(tiny, tmp_path, capsys):  # noqa: F811
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists()
+    before = {path: path.read_bytes() for path in small.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    assert main(["train", *_TRAIN, "--data-dir", str(tiny / "mrpc"), "--output-dir", str(small), "--model",
+                 str(tiny / "bert"), "--resume"]) == 2  # the options of the run it was compressed from
+    assert f"holds an adapter compressed from '{run}' by `tenslora compress`, not a training run" in \
+        capsys.readouterr().err
+    assert {path: path.read_bytes() for path in small.rglob("*") if path.is_file()} == before

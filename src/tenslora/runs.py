@@ -125,7 +125,12 @@ def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], re
     if not run_file.is_file():
         raise ValueError(f"The output directory '{output_dir}' is not empty and holds no tenslora run; "
                          "choose another --output-dir.")
-    recorded = read_json(run_file, required=["options"])["options"]
+    run = read_json(run_file, required=["options"])
+    if "compressed_from" in run:
+        raise ValueError(f"The output directory '{output_dir}' holds an adapter compressed from "
+                         f"'{run['compressed_from']}' by `tenslora compress`, not a training run; evaluate it with "
+                         "`tenslora eval`, and train into another --output-dir.")
+    recorded = run["options"]
     differences = [f"{key}: {recorded.get(key)!r} there, {value!r} now" for key, value in identity.items()
                    if recorded.get(key) != value]
     if differences:

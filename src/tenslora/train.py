@@ -282,7 +282,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     if state.is_main_process:
         check_not_busy(output_dir)  # first: a second writer is refused at once, whatever the folder holds
     if check_run_dir(output_dir, options.identity(), options.resume):
-        return read_json(os.path.join(output_dir, METRICS_FILE))
+        return read_json(os.path.join(output_dir, METRICS_FILE), required=("test", "validation"))
     prepared = prepare(options)
     check_same_labels(output_dir, prepared.run["labels"])
     state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
