@@ -219,3 +219,19 @@ def test_missing_pieces_are_one_line_errors(tiny, tmp_path, capsys):
                                 str(tiny / "llama"), *out])
     assert "'prompt' and 'completion'" in line and "--text-column" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_a_quantized_base_without_bitsandbytes_names_the_fix(tiny, tmp_path, capsys, monkeypatch, bits):
+    """Without bitsandbytes, --load-in-4bit/8bit is refused with the install command before anything is loaded or
+    written, and so is loading a quantized run again (eval, merge, export-lora build its base the same way)."""
+    monkeypatch.setattr(tenslora.quantized, "find_spec", lambda name: None)
+    files = [f"--{key.replace('_', '-')}={value}" for key, value in _files(tiny, "text").items()]
+    out = tmp_path / "run"
+    assert main(["train", "--task=causal-lm", *files, f"--model={tiny / 'llama'}", f"--load-in-{bits}",
+                 f"--output-dir={out}"]) == 2
+    error = capsys.readouterr().err
+    assert f"(--load-in-{bits}) needs bitsandbytes, which is not installed here: pip install bitsandbytes" in error
+    assert len(error.strip().splitlines()) == 1 and not out.exists()
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        tenslora.modeling.build_causal_lm(str(tiny / "llama"), bits)

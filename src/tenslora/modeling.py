@@ -39,7 +39,7 @@ from transformers.utils import cached_file
 from .data import CAUSAL_LM_TASK
 from .persistence import load_adapter
 from .pooling import MeanPoolingForSequenceClassification
-from .quantized import dense_weight
+from .quantized import check_bitsandbytes_installed, dense_weight
 from .quantized import quantization as layer_quantization
 
 POOLINGS = ("mean", "cls")
@@ -161,6 +161,8 @@ def build_classifier(model: str, labels: Sequence[str], modality: str, pooling: 
 def quantization_config(quantization: str | None, compute_dtype: torch.dtype = torch.float32,
                         ) -> BitsAndBytesConfig | None:
     """bitsandbytes' settings for ``"4bit"`` (QLoRA's: nf4 with nested statistics) or ``"8bit"`` (LLM.int8())."""
+    if quantization:
+        check_bitsandbytes_installed(quantization)
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype)

@@ -25,6 +25,7 @@ from .api import lora_parameter_count, match_budget
 from .config import TensLoraConfig
 from .construction import FAMILIES, PRESETS
 from .data import BUILTIN_TASKS, CAUSAL_LM_TASK, CUSTOM_TASK, DEFAULT_TASK, FILE_TASKS
+from .quantized import check_bitsandbytes_installed
 
 
 def _no_bool(value: Any) -> Any:
@@ -194,6 +195,8 @@ class TrainOptions:
         if self.quantization and self.task != CAUSAL_LM_TASK:
             raise ValueError(f"--load-in-{self.quantization} quantizes the base of a causal-LM run: give --task "
                              f"{CAUSAL_LM_TASK} (classification runs train on an unquantized base).")
+        if self.quantization:
+            check_bitsandbytes_installed(self.quantization)
 
     def _check_causal_lm(self) -> None:
         """A causal-LM run learns the user's own texts with the user's own causal LM (no default fits it)."""

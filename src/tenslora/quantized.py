@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+from importlib.util import find_spec
 from typing import Any, Optional
 
 import torch
@@ -25,6 +26,14 @@ from torch import nn
 
 def _bitsandbytes() -> Optional[Any]:
     return sys.modules.get("bitsandbytes")
+
+
+def check_bitsandbytes_installed(quantization: str) -> None:
+    """Refuse a base quantized to ``quantization`` ("4bit", "8bit") where bitsandbytes is not installed, with the
+    fix (transformers would raise an ImportError from inside ``from_pretrained``, after the data is loaded)."""
+    if find_spec("bitsandbytes") is None:
+        raise ValueError(f"A base quantized to {quantization[0]} bits (--load-in-{quantization}) needs bitsandbytes, "
+                         "which is not installed here: pip install bitsandbytes.")
 
 
 def quantization(module: nn.Module) -> Optional[str]:
