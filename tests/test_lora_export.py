@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model
 import tenslora
 from tenslora import TensLoraConfig, TensLoraLayer
 from tenslora.cli import main
+from tenslora.lora_export import new_folder
 from tenslora.modeling import build_classifier, load_trained_model
 from tenslora.runs import read_run
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
@@ -194,3 +195,13 @@ def test_export_lora_refuses_a_head_only_run(tiny, tmp_path, capsys):  # noqa: F
     assert main(["export-lora", str(run), str(tmp_path / "lora")]) == 2
     assert "no adapter to export" in capsys.readouterr().err
     assert not (tmp_path / "lora").exists()
+
+
+def test_an_output_folder_gets_the_permissions_of_any_folder_its_user_creates(tmp_path):
+    """merge, export-lora and compress write through ``new_folder``: a serving process of the user's group can read
+    what they write, as it can read any folder the user makes (a private temporary folder renamed would not be)."""
+    with new_folder(tmp_path / "out") as staging:
+        (staging / "adapter_config.json").write_text("{}")
+    (tmp_path / "made-by-hand").mkdir()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "made-by-hand").stat().st_mode & 0o777
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["made-by-hand", "out"]
