@@ -23,6 +23,7 @@ from tenslora.data.causal_lm import IGNORE_INDEX
 from tenslora.export import export_run, merge_run
 from tenslora.modeling import load_trained_model
 from tenslora.options import TrainOptions
+from tenslora.quantized import dense_weight
 from tenslora.runs import read_run
 from tenslora.train import evaluate_run, prepare, run_training
 
@@ -235,3 +236,17 @@ def test_a_quantized_base_without_bitsandbytes_names_the_fix(tiny, tmp_path, cap
     assert len(error.strip().splitlines()) == 1 and not out.exists()
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
         tenslora.modeling.build_causal_lm(str(tiny / "llama"), bits)
+
+
+def test_a_bf16_checkpoint_is_dequantized_into_fp32(tiny, tmp_path):
+    """transformers loads a checkpoint in its own dtype by default: the dense base a quantized run is merged into
+    must hold the dequantized weights in fp32, as the run computed with them, not rounded to bf16."""
+    pytest.importorskip("bitsandbytes")
+    folder = tmp_path / "llama-bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny / "llama64").to(torch.bfloat16).save_pretrained(folder)
+    dense = tenslora.modeling.dequantized_causal_lm(str(folder), "4bit")
+    quantized = tenslora.modeling.build_causal_lm(str(folder), "4bit", device="cpu")
+    name = "model.layers.0.mlp.down_proj"
+    assert dense.get_submodule(name).weight.dtype == torch.float32
+    torch.testing.assert_close(dense.get_submodule(name).weight, dense_weight(quantized.get_submodule(name)),
+                               atol=0, rtol=0)

@@ -186,8 +186,9 @@ def build_causal_lm(model: str, quantization: str | None = None, compute_dtype: 
 def dequantized_causal_lm(model: str, quantization: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """The causal LM with the weights a quantized run trained on, dense: each quantized layer's weight as
     bitsandbytes stores it, dequantized in fp32, in an unquantized copy of the model (the other weights as
-    stored). A run's adapter merged into it gives the function the run trained and evaluated."""
-    dense = from_pretrained(AutoModelForCausalLM, model, trust_remote_code)
+    stored). A run's adapter merged into it gives the function the run trained and evaluated. fp32 whatever the
+    checkpoint's dtype (transformers would load a bf16 checkpoint in bf16 and round the dequantized weights)."""
+    dense = from_pretrained(AutoModelForCausalLM, model, trust_remote_code, dtype=torch.float32)
     quantized = build_causal_lm(model, quantization, device="cpu", trust_remote_code=trust_remote_code)
     for name, module in quantized.named_modules():
         if isinstance(getattr(module, "weight", None), torch.Tensor) and layer_quantization(module):
