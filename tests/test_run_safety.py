@@ -22,7 +22,7 @@ import tenslora
 from tenslora import TensLoraConfig, train
 from tenslora.cli import main
 from tenslora.options import TrainOptions
-from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock
+from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock, write_json
 from tenslora.train import TrainingDiverged, evaluate_run, run_training
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert
@@ -202,6 +202,17 @@ def test_a_second_writer_is_refused(tiny, tmp_path):  # noqa: F811
     (tmp_path / "foreign" / "data.txt").write_text("x")
     with pytest.raises(ValueError, match="holds no tenslora run"):
         check_run_dir(tmp_path / "foreign", options.identity(), resume=False)
+
+
+def test_a_run_file_is_on_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """The new content is flushed before the rename, the folder's entry after it: a power loss leaves the old file
+    or the new one, never an empty one."""
+    synced = []
+    monkeypatch.setattr(tenslora.runs, "sync_to_disk",
+                        lambda path: synced.append((path.name, path.read_text() if path.is_file() else None,
+                                                    (tmp_path / "run.json").exists())))
+    write_json(tmp_path / "run.json", {"options": {}})
+    assert synced == [(f".run.{os.getpid()}.tmp.json", '{\n  "options": {}\n}\n', False), (tmp_path.name, None, True)]
 
 
 @pytest.mark.parametrize("content, problem", [(b"{}", "it lacks 'options'"), (b"[]", "it is not a JSON object"),

@@ -53,7 +53,7 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike, **kwargs) -> Pa
         _sync_tree(staging)
         committed = staging.with_name(staging.name + COMMITTED)
         os.replace(staging, committed)
-        _sync(directory)
+        sync_to_disk(directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _move_into_place(committed, directory)
@@ -89,7 +89,7 @@ def recover_interrupted_save(directory: str | os.PathLike, discard_unfinished: b
             for entry in sorted((retired / directory.name).iterdir()):
                 if not (directory / entry.name).exists():
                     os.replace(entry, directory / entry.name)
-            _sync(directory)
+            sync_to_disk(directory)
         shutil.rmtree(retired, ignore_errors=True)
     if discard_unfinished:
         for staging in siblings:
@@ -107,17 +107,17 @@ def _move_into_place(committed: Path, directory: Path) -> None:
             os.replace(source, target)
         folders.add(target.parent)
     for folder in folders:
-        _sync(folder)
+        sync_to_disk(folder)
     shutil.rmtree(committed, ignore_errors=True)
 
 
 def _sync_tree(folder: Path) -> None:
     """Flush the files under ``folder``, and the folders' entries, to disk before they are committed."""
     for path in [*folder.rglob("*"), folder]:
-        _sync(path)
+        sync_to_disk(path)
 
 
-def _sync(path: Path) -> None:
+def sync_to_disk(path: Path) -> None:
     """Flush a file, or a folder's entries (renames into it), to disk where the system allows it."""
     with contextlib.suppress(OSError):
         descriptor = os.open(path, os.O_RDONLY)

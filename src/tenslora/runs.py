@@ -26,6 +26,8 @@ from filelock import FileLock, Timeout
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .persistence import sync_to_disk
+
 RUN_FILE = "run.json"
 RUN_KEYS = ("options", "model", "modality", "pooling", "labels")  # what eval, merge, export-lora read of it
 METRICS_FILE = "metrics.json"
@@ -45,7 +47,9 @@ def atomic_destination(path: str | os.PathLike) -> Iterator[Path]:
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         yield temporary
+        sync_to_disk(temporary)  # on disk before the rename: a power loss leaves the old file, not an empty one
         os.replace(temporary, path)
+        sync_to_disk(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
