@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -146,6 +147,17 @@ def test_eval_reproduces_the_test_metrics(mean_run, capsys):
     assert float(printed["test_f1"]) == pytest.approx(recorded["f1"])
     assert main(["eval", str(mean_run.parent)]) == 2
     assert "holds no run.json" in _error_line(capsys)
+
+
+def test_a_run_whose_base_model_moved_names_its_run_json(mean_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(mean_run, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    recorded = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**recorded, "model": str(tmp_path / "moved-away")}))
+    for command in (["eval", str(run)], ["merge", str(run), str(tmp_path / "merged")]):
+        assert main(command) == 2
+        assert (f"The base model of the run in '{run}' is no longer at '{tmp_path / 'moved-away'}' (the \"model\" of "
+                "its run.json)") in _error_line(capsys)
 
 
 def test_params_table_matches_the_library(tiny, capsys):  # noqa: F811

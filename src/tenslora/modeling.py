@@ -207,6 +207,9 @@ def load_trained_model(run_dir: str, run: dict, dequantize: bool = False,
     for merging into plain weights or exporting.
     """
     trust = trust_remote_code
+    if "adapter" in run and os.path.isabs(run["model"]) and not os.path.exists(run["model"]):
+        raise ValueError(f"The base model of the run in '{run_dir}' is no longer at '{run['model']}' (the \"model\" "
+                         "of its run.json): put it back there, or set that entry to where the model is now.")
     preprocessor = load_preprocessor(run_dir, run["modality"], trust)
     if "adapter" not in run:
         return from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust), preprocessor
