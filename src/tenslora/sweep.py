@@ -165,7 +165,9 @@ def execute(runs: Sequence[PlannedRun], jobs: int,
             for future in as_completed(futures):
                 on_result(futures[future], future.result())
         except BaseException:
-            pool.shutdown(cancel_futures=True)  # the runs under way end (they resume later); no new one starts
+            # No new run starts. On Ctrl-C or a kill the runs under way end with the sweep (they resume later);
+            # after a run's error, those under way finish first.
+            pool.shutdown(cancel_futures=True)
             raise
 
 
