@@ -301,7 +301,7 @@ def run_options(root: Path) -> dict[str, Any]:
 
 
 def launch(launcher: list[str], root: Path, out: Path, *extra: str, batch_size: int = 4) -> None:
-    """``python -m <launcher> -m tenslora train`` with per-process batch 4, auditing the writes into ``out``."""
+    """``python -m <launcher> -m tenslora train`` with per-process ``batch_size``, auditing the writes into ``out``."""
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in run_options(root).items()]
     command = [sys.executable, "-m", *launcher, "-m", "tenslora", "train", *flags, "--no-bf16",
                f"--batch-size={batch_size}", f"--output-dir={out}", *extra]
