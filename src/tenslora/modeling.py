@@ -206,20 +206,21 @@ def load_trained_model(run_dir: str, run: dict, dequantize: bool = False,
     A quantized base is loaded quantized, as trained; with ``dequantize``, dense (``dequantized_causal_lm``),
     for merging into plain weights or exporting.
     """
-    trust = trust_remote_code
     if "adapter" in run and os.path.isabs(run["model"]) and not os.path.exists(run["model"]):
         raise ValueError(f"The base model of the run in '{run_dir}' is no longer at '{run['model']}' (the \"model\" "
                          "of its run.json): put it back there, or set that entry to where the model is now.")
-    preprocessor = load_preprocessor(run_dir, run["modality"], trust)
+    preprocessor = load_preprocessor(run_dir, run["modality"], trust_remote_code)
     if "adapter" not in run:
-        return from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust), preprocessor
+        head_only = from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust_remote_code)
+        return head_only, preprocessor
     if run["modality"] == CAUSAL_LM_TASK:
         bits = run.get("quantization")
-        base = (dequantized_causal_lm(run["model"], bits, trust) if bits and dequantize
-                else build_causal_lm(run["model"], bits, trust_remote_code=trust))
+        base = (dequantized_causal_lm(run["model"], bits, trust_remote_code) if bits and dequantize
+                else build_causal_lm(run["model"], bits, trust_remote_code=trust_remote_code))
     else:
         base = build_classifier(run["model"], run["labels"], run["modality"], run["pooling"],
-                                pad_token_id=getattr(preprocessor, "pad_token_id", None), trust_remote_code=trust)
+                                pad_token_id=getattr(preprocessor, "pad_token_id", None),
+                                trust_remote_code=trust_remote_code)
     return load_adapter(base, run_dir), preprocessor
 
 
