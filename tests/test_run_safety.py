@@ -21,6 +21,7 @@ from transformers import Trainer, TrainerCallback
 import tenslora
 from tenslora import TensLoraConfig, train
 from tenslora.cli import main
+from tenslora.lora_export import new_folder
 from tenslora.options import TrainOptions
 from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock, write_json
 from tenslora.train import TrainingDiverged, evaluate_run, run_training
@@ -154,6 +155,19 @@ def test_a_retired_copy_gives_back_the_files_the_earlier_scheme_deleted(tmp_path
     new.save_pretrained(tmp_path / "adapter")
     assert _same(_state(tenslora.load_adapter(bert(), tmp_path / "adapter")), _state(new))
     assert (tmp_path / "adapter" / "metrics.json").read_text() == "{}" and not retired.exists()
+
+
+def test_a_save_leaves_sibling_folders_that_are_not_its_leftovers(tmp_path):
+    """Only a folder with nothing but adapter files passes for the earlier scheme's unfinished save: a user's
+    folder of the same shape of name, and an export being written beside it, stay."""
+    users = tmp_path / ".adapter.notes_v2"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(OSError), new_folder(tmp_path / "adapter") as exporting:  # its rename then finds the
+        (exporting / "adapter_config.json").write_text("{}")                     # folder taken, and fails
+        tenslora.save_adapter(_adapter(2, seed=0), tmp_path / "adapter")
+        assert exporting.is_dir()
+    assert (users / "notes.txt").read_text() == "mine"
 
 
 # One writer per run folder

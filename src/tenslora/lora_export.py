@@ -99,7 +99,7 @@ def new_folder(path: str | os.PathLike) -> Iterator[Path]:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ValueError(f"'{path}' exists and is not an empty folder; choose a new output folder.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}"
+    staging = path.parent / f".{path.name}.export-{uuid.uuid4().hex[:8]}"
     staging.mkdir()  # with the user's umask, as any folder they create (mkdtemp's would be readable by them alone)
     try:
         yield staging

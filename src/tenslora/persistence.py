@@ -93,8 +93,15 @@ def recover_interrupted_save(directory: str | os.PathLike, discard_unfinished: b
         shutil.rmtree(retired, ignore_errors=True)
     if discard_unfinished:
         for staging in siblings:
-            if re.fullmatch(rf"\.{name}\.[a-z0-9_]{{8}}", staging.name) and staging.is_dir():
+            if re.fullmatch(rf"\.{name}\.[a-z0-9_]{{8}}", staging.name) and _holds_only_adapter_files(staging):
                 shutil.rmtree(staging, ignore_errors=True)
+
+
+def _holds_only_adapter_files(folder: Path) -> bool:
+    """Whether ``folder`` could be that scheme's unfinished save: a folder with nothing but what
+    ``save_pretrained`` writes (a user's own folder of the same shape of name holds other things)."""
+    written_by_save = {CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, MODEL_CARD}
+    return folder.is_dir() and all(entry.name in written_by_save and entry.is_file() for entry in folder.iterdir())
 
 
 def _move_into_place(committed: Path, directory: Path) -> None:
