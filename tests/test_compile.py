@@ -118,7 +118,7 @@ def test_reuse_under_bf16_autocast_changes_no_number(name, monkeypatch):
 
     torch.manual_seed(0)  # the same dropout masks in both runs
     loss, shared = bf16_step()
-    monkeypatch.setattr(PassCache, "get", lambda self, key, sources, compute: compute())
+    monkeypatch.setattr(PassCache, "get", lambda self, key, sources, compute, consumer: compute())
     torch.manual_seed(0)
     expected_loss, own = bf16_step()
     assert torch.equal(loss, expected_loss) and shared.keys() == own.keys()
@@ -148,7 +148,7 @@ def test_shared_products_change_no_number(build, monkeypatch):
         return *_loss_and_gradients(model, model, "bert_tucker"), trained
 
     loss, shared, trained = step()
-    monkeypatch.setattr(PassCache, "get", lambda self, key, sources, compute: compute())
+    monkeypatch.setattr(PassCache, "get", lambda self, key, sources, compute, consumer: compute())
     expected_loss, own, _ = step()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-6)
     assert shared.keys() == own.keys() and trained and trained <= own.keys()

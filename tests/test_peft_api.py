@@ -263,21 +263,42 @@ def test_shared_input_projection_is_reused_only_when_valid():
     """q, k, v share x @ U_in in the qkv constructions; another input, factor, grad mode or pass recomputes it."""
     model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", ranks=2, init_weights=False))
     bank = model.base_model.tenslora_tensors["default"]
+    q, k, v = (bank.addresses(role, 0)[0] for role in ("q", "k", "v"))
     x = torch.randn(2, 5, 32)
-    first = bank.project("all", x)
-    assert bank.project("all", x) is first
-    assert bank.project("all", x.clone()) is not first
+    first = bank.project(q, x)
+    assert bank.project(k, x) is first
+    assert bank.project(v, x.clone()) is not first
+    assert bank.project(q, x) is not first  # q again: a new pass, though no hook said so
     with torch.no_grad():
         bank.tensors["all"].factors["in"].mul_(2.0)  # as an optimizer step would
-    second = bank.project("all", x)
+    second = bank.project(k, x)
     assert second is not first
     torch.testing.assert_close(second, x @ bank.tensors["all"].factors["in"])
     with torch.no_grad():
-        assert bank.project("all", x) is not second
+        assert bank.project(v, x) is not second
     model(**inputs("bert"))
     assert not bank._projections  # nothing outlives a forward pass
     merged = model.merge_and_unload()
     assert not merged._forward_pre_hooks and not merged._forward_hooks  # the plain model keeps no TensLoRA hook
+
+
+def test_passes_through_an_inner_module_compute_afresh():
+    """Calls into the encoder itself (a custom head, a fused-loss trainer) are passes the model's hooks do not
+    see: each one backpropagates on its own, and sees weights changed through ``.data`` in between."""
+    model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", ranks=2, init_weights=False))
+    encoder, batch = model.base_model.model.bert, inputs("bert")
+    tensors = [p for n, p in model.named_parameters() if "tenslora_tensors" in n]
+    encoder(**batch).last_hidden_state.sum().backward()
+    once = [p.grad.clone() for p in tensors]
+    encoder(**batch).last_hidden_state.sum().backward()  # reached into the first pass's freed graph before
+    for accumulated, single in zip((p.grad for p in tensors), once, strict=True):
+        torch.testing.assert_close(accumulated, 2 * single)
+    with torch.no_grad():
+        for parameter in tensors:
+            parameter.data.mul_(3.0)  # no version bump, as an EMA or an optimizer writing .data
+        inner = encoder(**batch).last_hidden_state
+        model(**batch)  # a top-level pass: its hooks clear what was shared
+        torch.testing.assert_close(inner, encoder(**batch).last_hidden_state)
 
 
 @pytest.mark.parametrize("construction", ["qkv_depth", "att_qkv", "depth"])

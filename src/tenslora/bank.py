@@ -35,6 +35,11 @@ class SliceAddress:
     width: int
     transposed: bool  # o and down map the wide side to the residual: their update is the slice transposed
 
+    @property
+    def slot(self) -> tuple:
+        """The slice as a hashable value: which projection (or block) had a shared product (reuse.py)."""
+        return (self.key, *sorted(self.index.items()))
+
 
 class TensorBank(nn.Module):
     """The tensors of one adapter: per family (attention, MLP), those the construction makes (block layout: the
@@ -57,10 +62,10 @@ class TensorBank(nn.Module):
         )
         self._projections = PassCache()
 
-    def project(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        """``x @ U_in`` of tensor ``key``: the projections that read the same ``x`` share it (reuse.py)."""
-        factor = self.tensors[key].input_factor()
-        return self._projections.get(("in", key), (x, factor), lambda: x @ factor.to(x.dtype))
+    def project(self, address: SliceAddress, x: torch.Tensor) -> torch.Tensor:
+        """``x @ U_in`` of the slice's tensor: the projections that read the same ``x`` share it (reuse.py)."""
+        factor = self.tensors[address.key].input_factor()
+        return self._projections.get(("in", address.key), (x, factor), lambda: x @ factor.to(x.dtype), address.slot)
 
     def scaled_output(self, address: SliceAddress, scaling: float, dtype: torch.dtype) -> torch.Tensor:
         """``scaling * B`` (r x width) of one slice, in ``dtype``.
@@ -78,7 +83,8 @@ class TensorBank(nn.Module):
             return group.unbind(0) if "qkv" in address.index else (group,)
 
         name = ("out", address.key, tuple(fixed.items()), scaling, dtype)
-        b = self._projections.get(name, tuple(tensor.parameters()), role_slices)[address.index.get("qkv", 0)]
+        group = self._projections.get(name, tuple(tensor.parameters()), role_slices, address.slot)
+        b = group[address.index.get("qkv", 0)]
         return b if address.width == b.shape[-1] else b[:, : address.width]
 
     def clear_projections(self) -> None:

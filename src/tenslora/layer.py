@@ -73,7 +73,7 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
             if address.transposed:  # o and down: their update is the slice transposed
                 pieces.append((x @ b.T) @ bank.tensor(address.key).input_factor().to(x.dtype).T)
             else:
-                pieces.append(bank.project(address.key, x) @ b)
+                pieces.append(bank.project(address, x) @ b)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

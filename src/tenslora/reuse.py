@@ -5,7 +5,11 @@ share ``U_in`` and the slices of one layer: ``x @ U_in`` and the B of every role
 computed by the first projection and reused by the others. An entry is reused only while every
 tensor it was computed from is the same object, unmodified (same version counter), in the same
 grad, inference and autocast mode; so input dropout (a new tensor per projection) or an optimizer
-step between two calls recompute it.
+step between two calls recompute it. And it is served once to each projection: one asking again
+is in a new pass, which recomputes it. That holds for passes the model's hooks below do not see
+(a call into an inner module: ``peft_model.base_model.model.bert(...)``, a fused-loss trainer's
+``model.model(...)``), whose backward would otherwise reach into the previous pass's freed graph,
+and whose weights may have been changed through ``.data`` (no version bump).
 
 - Inference tensors (``torch.inference_mode``) have no version counter: what is computed from one
   is never reused (each projection computes its own, as LoRA does).
@@ -33,6 +37,7 @@ class _Entry:
     versions: tuple[int, ...]
     mode: tuple[bool, bool, bool]
     value: object
+    served: set[Hashable]  # the consumers that had it
 
     def is_for(self, sources: Sequence[torch.Tensor], versions: tuple[int, ...], mode: tuple[bool, bool, bool]) -> bool:
         return (self.versions == versions and self.mode == mode
@@ -62,17 +67,22 @@ class PassCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def get(self, name: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], T]) -> T:
-        """``compute()``, or what it returned last time for ``name`` if ``sources`` are unchanged."""
+    def get(self, name: Hashable, sources: Sequence[torch.Tensor], compute: Callable[[], T],
+            consumer: Hashable) -> T:
+        """``compute()``, or what it returned last time for ``name`` if ``sources`` are unchanged and ``consumer``
+        has not had it yet."""
         if torch.compiler.is_compiling():
             return compute()
         versions, mode = _versions(sources), _mode(sources[0].device.type)
         entry = self._entries.get(name)
-        if entry is not None and versions is not None and entry.is_for(sources, versions, mode):
+        if (entry is not None and versions is not None and consumer not in entry.served
+                and entry.is_for(sources, versions, mode)):
+            entry.served.add(consumer)
             return entry.value
         value = compute()
         if versions is None:
             self._entries.pop(name, None)
         else:
-            self._entries[name] = _Entry(tuple(weakref.ref(source) for source in sources), versions, mode, value)
+            self._entries[name] = _Entry(tuple(weakref.ref(source) for source in sources), versions, mode, value,
+                                         {consumer})
         return value
