@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import tenslora
 from tenslora.cli import format_training_report, main
@@ -124,6 +125,16 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tiny, tmp_path, capsys):  #
     else:
         assert main(argv) == 2
     assert expected in _error_line(capsys)
+
+
+def test_several_gpus_in_one_process_are_refused_before_anything_is_written(tiny, tmp_path, capsys,  # noqa: F811
+                                                                             monkeypatch):
+    """The Trainer would use nn.DataParallel, whose replicas read device 0's shared tensors: one process per GPU."""
+    monkeypatch.setattr(transformers.TrainingArguments, "n_gpu", property(lambda self: 2))
+    assert _train(tiny, tmp_path / "run", "--model", str(tiny / "bert")) == 2
+    line = _error_line(capsys)
+    assert "sees 2 GPUs" in line and "--nproc-per-node 2" in line and "CUDA_VISIBLE_DEVICES=0" in line
+    assert not (tmp_path / "run").exists()
 
 
 def test_output_dir_holding_another_run(mean_run, tiny, capsys):  # noqa: F811

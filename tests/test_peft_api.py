@@ -153,6 +153,21 @@ def test_half_precision_base_keeps_fp32_factors_and_merges_through_fp32():
     torch.testing.assert_close(merged, logits.detach(), atol=5e-2, rtol=5e-2)
 
 
+@pytest.mark.parametrize(("base_dtype", "autocast", "factors"), [
+    (torch.float64, True, torch.float64),  # PEFT raises half precision only
+    (torch.bfloat16, True, torch.float32),
+    (torch.bfloat16, False, torch.bfloat16),
+])
+def test_factors_take_the_adapted_weights_dtype_as_lora_does(base_dtype, autocast, factors):
+    base = llama().to(base_dtype)
+    base.model.embed_tokens.float()  # the first parameter is not what the factors follow: the adapted weights are
+    model = get_peft_model(base, TensLoraConfig(construction="qkv_depth", ranks=2), autocast_adapter_dtype=autocast)
+    lora = get_peft_model(llama().to(base_dtype), LoraConfig(r=2, target_modules=["q_proj"]),
+                          autocast_adapter_dtype=autocast)
+    assert lora.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == factors
+    assert {p.dtype for p in model.base_model.tenslora_tensors["default"].parameters()} == {factors}
+
+
 def test_gqa_key_value_updates_use_their_heads_only():
     model = get_peft_model(llama(), TensLoraConfig(construction="att_qkv", ranks=2, init_weights=False))
     k_proj = model.base_model.model.model.layers[0].self_attn.k_proj
@@ -280,6 +295,17 @@ def test_shared_input_projection_is_reused_only_when_valid():
     assert not bank._projections  # nothing outlives a forward pass
     merged = model.merge_and_unload()
     assert not merged._forward_pre_hooks and not merged._forward_hooks  # the plain model keeps no TensLoRA hook
+
+
+def test_layer_status_names_each_layers_adapters():
+    """PEFT's ``get_layer_status`` lists the adapters of every adapted layer, as for LoRA (the tensors are shared on
+    the tuner, so its per-layer ``requires_grad`` and ``devices`` stay empty)."""
+    model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", ranks=2))
+    model.add_adapter("second", TensLoraConfig(construction="att", ranks=2, roles=["q"]))
+    status = {layer.name.split("model.", 1)[1]: layer for layer in model.get_layer_status()}
+    assert status["bert.encoder.layer.0.attention.self.query"].available_adapters == ["default", "second"]
+    assert status["bert.encoder.layer.1.attention.self.value"].available_adapters == ["default"]
+    assert all(layer.active_adapters == ["default"] for layer in status.values())
 
 
 def test_passes_through_an_inner_module_compute_afresh():

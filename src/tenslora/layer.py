@@ -37,7 +37,7 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ()
     other_param_names = ("tenslora_dropout", "_banks", "_segments", "_scaling")
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.in_features, self.out_features = _get_in_out_features(base_layer)
@@ -56,6 +56,10 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         self._scaling[adapter_name] = scaling
         self.tenslora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.set_adapter(self.active_adapters)
+
+    def _get_available_adapters(self) -> set[str]:
+        """The adapters this layer applies (PEFT reads them from ``adapter_layer_names``, empty here)."""
+        return set(self._banks)
 
     def _adapter_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling * x Delta W^T, through the factors: two thin matmuls per slice, no dense update."""

@@ -249,8 +249,13 @@ class TensLoraModel(BaseTuner):
             self._set_bank_requires_grad(self.active_adapters, inference_mode=False)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        """Factors stay fp32 by default (as PEFT keeps LoRA weights), else follow the base model's dtype."""
-        dtype = torch.float32 if autocast_adapter_dtype else next(self.model.parameters()).dtype
+        """The factors take the dtype of the weights they adapt, fp16 and bf16 raised to fp32 unless
+        ``autocast_adapter_dtype=False``, as PEFT makes LoRA's (a quantized weight's: fp32)."""
+        weight = next(module.get_base_layer().weight for module in self.model.modules()
+                      if isinstance(module, TensLoraLayer) and adapter_name in module._banks)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
         self.tenslora_tensors[adapter_name].to(dtype)
 
     @classmethod

@@ -172,7 +172,7 @@ def base_model(options: TrainOptions, model_name: str, data: inputs.TaskData, pr
 
 def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArguments:
     """The Trainer's settings: evaluation and a checkpoint every epoch, cosine schedule, tqdm, no reporting."""
-    return TrainingArguments(
+    arguments = TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=options.batch_size,
         per_device_eval_batch_size=2 * options.batch_size,
@@ -196,6 +196,14 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         ddp_find_unused_parameters=False,  # every trained tensor is used in every step: skip DDP's graph search
         disable_tqdm=False,
     )
+    if arguments.n_gpu > 1:
+        raise ValueError(
+            f"This process sees {arguments.n_gpu} GPUs: the Trainer would run it under nn.DataParallel, whose "
+            "replicas cannot reach an adapter's shared tensors. Run one process per GPU (torchrun --standalone "
+            f"--nproc-per-node {arguments.n_gpu} -m tenslora train ..., or accelerate launch), or use one GPU "
+            "(CUDA_VISIBLE_DEVICES=0)."
+        )
+    return arguments
 
 
 class TrainingDiverged(ValueError):
@@ -285,11 +293,12 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
         return read_json(os.path.join(output_dir, METRICS_FILE), required=("test", "validation"))
     prepared = prepare(options)
     check_same_labels(output_dir, prepared.run["labels"])
+    arguments = training_arguments(options, output_dir)
     state.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     with disk_errors(output_dir), run_lock(output_dir, hold=state.is_main_process):
         if state.is_main_process:
             _claim(output_dir, options, prepared.run)
-        return _train(options, prepared, output_dir, start)
+        return _train(options, prepared, arguments, output_dir, start)
 
 
 def _claim(output_dir: str, options: TrainOptions, run: dict[str, Any]) -> None:
@@ -303,8 +312,9 @@ def _claim(output_dir: str, options: TrainOptions, run: dict[str, Any]) -> None:
         write_json(os.path.join(output_dir, RUN_FILE), run)
 
 
-def _train(options: TrainOptions, prepared: Prepared, output_dir: str, start: float) -> dict[str, Any]:
-    trainer = make_trainer(prepared, training_arguments(options, output_dir),
+def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArguments, output_dir: str,
+           start: float) -> dict[str, Any]:
+    trainer = make_trainer(prepared, arguments,
                            callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE)), DivergenceCheck()])
     checkpoint = last_checkpoint(output_dir) if options.resume else None
     trained = trainer.train(resume_from_checkpoint=checkpoint)
