@@ -29,6 +29,27 @@ def test_bad_roles_are_refused(roles):
         TensLoraConfig(roles=roles)
 
 
+@pytest.mark.parametrize("roles", ["query", ["q", "query"], "o,x"])
+def test_budget_functions_refuse_unknown_roles(roles):
+    """``lora_parameter_count`` and ``match_budget`` read roles as the config does: no name is dropped unseen."""
+    with pytest.raises(ValueError, match="`roles` must be distinct names among"):
+        tenslora.lora_parameter_count(8, bert().config, roles=roles)
+    with pytest.raises(ValueError, match="`roles` must be distinct names among"):
+        tenslora.match_budget("qkv_depth", "tucker", 5000, bert().config, roles=roles)
+
+
+def test_budget_functions_count_the_modules_a_config_adapts():
+    """roles="down" is one role (not "o" and "down", found in the string); ``role_patterns`` and
+    ``layers_to_transform`` count what a config with them adapts, on a model type TensLoRA does not know."""
+    config = bert().config
+    assert tenslora.lora_parameter_count(8, config, roles="down") == 8 * (37 + 32) * 2  # down: 37 -> 32, 2 layers
+    unknown = config.to_dict() | {"model_type": "mystery"}
+    patterns = {"q": r"attention\.self\.query", "up": r"intermediate\.dense"}
+    assert tenslora.lora_parameter_count(8, unknown, "all-linear", [1], patterns) == 8 * (32 + 32 + 32 + 37)
+    ranks = tenslora.match_budget("qkv_depth", "tucker", 3000, unknown, "all-linear", role_patterns=patterns)
+    assert set(ranks) == {"attention", "mlp"}
+
+
 def test_numbers_given_as_strings_are_read():
     config = TensLoraConfig(ranks="4", scaling="2", dropout="0.1", num_heads="4", layers_to_transform="1",
                             init_weights="false")
@@ -58,6 +79,7 @@ def test_numbers_given_as_strings_are_read():
     ("layers_to_transform", [], "a layer index or a list of them"),
     ("bias", "lora_only", "`bias` must be one of"),
     ("construction", 3, "`construction` must be a name"),
+    ("target_modules", "all-linear", "write roles='all-linear'"),
 ])
 def test_bad_values_are_refused_by_name(option, value, message):
     with pytest.raises(ValueError, match=message):

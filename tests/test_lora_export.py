@@ -15,9 +15,8 @@ from peft import PeftModel, get_peft_model
 import tenslora
 from tenslora import TensLoraConfig, TensLoraLayer
 from tenslora.cli import main
-from tenslora.lora_export import new_folder
 from tenslora.modeling import build_classifier, load_trained_model
-from tenslora.runs import read_run
+from tenslora.runs import new_folder, read_run
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert, gpt2, inputs, llama
 

@@ -21,9 +21,8 @@ from transformers import Trainer, TrainerCallback
 import tenslora
 from tenslora import TensLoraConfig, train
 from tenslora.cli import main
-from tenslora.lora_export import new_folder
 from tenslora.options import TrainOptions
-from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock, write_json
+from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, new_folder, run_lock, write_json
 from tenslora.train import TrainingDiverged, evaluate_run, run_training
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert

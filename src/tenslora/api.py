@@ -45,23 +45,30 @@ def resolved_ranks(config: TensLoraConfig, model_config: Any) -> RankSpec:
                         _geometry_of(config, model_config), layout=config.layout).ranks
 
 
-def lora_parameter_count(rank: int, model_config: Any, roles: Roles = ("q", "k", "v")) -> int:
-    """Parameters of LoRA rank ``rank`` on ``roles`` of every layer: r * (d_in + d_out) per projection
-    (e.g. 2 * r * d * 3 * L for BERT on q, k, v); ``roles="all-linear"`` counts every block linear."""
-    return budgets.lora_parameter_count(rank, model_geometry(model_config, roles))
+def lora_parameter_count(rank: int, model_config: Any, roles: Roles = ("q", "k", "v"),
+                         layers_to_transform: Sequence[int] | None = None,
+                         role_patterns: Mapping[str, str] | None = None) -> int:
+    """Parameters of LoRA rank ``rank`` on ``roles`` of every layer (or of ``layers_to_transform``):
+    r * (d_in + d_out) per projection (e.g. 2 * r * d * 3 * L for BERT on q, k, v); ``roles="all-linear"``
+    counts every block linear (of the model type's role table, or of ``role_patterns``)."""
+    geometry = model_geometry(model_config, roles, layers_to_transform=layers_to_transform, role_patterns=role_patterns)
+    return budgets.lora_parameter_count(rank, geometry)
 
 
 def match_budget(construction: str, factorization: str, budget: int, model_config: Any,
                  roles: Roles = ("q", "k", "v"), fixed: Mapping[str, int | str] | None = None,
-                 num_heads: int | None = None, layout: str = "roles") -> RankSpec:
+                 num_heads: int | None = None, layout: str = "roles",
+                 layers_to_transform: Sequence[int] | None = None,
+                 role_patterns: Mapping[str, str] | None = None) -> RankSpec:
     """Ranks of ``construction`` whose parameter count is closest to ``budget`` (the isoparameter condition).
 
     Example: ``match_budget("qkv_depth", "tucker", lora_parameter_count(8, cfg, "all-linear"), cfg,
     roles="all-linear")``. With attention and MLP roles, Tucker ranks come keyed by family (not under
-    ``layout="blocks"``, whose blocks share one tensor).
+    ``layout="blocks"``, whose blocks share one tensor). ``layers_to_transform`` and ``role_patterns`` as in
+    ``TensLoraConfig``.
     """
-    roles = adapted_roles(roles, config_value(model_config, "model_type"))
-    config = TensLoraConfig(construction=construction, factorization=factorization, roles=list(roles),
-                            num_heads=num_heads, layout=layout)
+    config = TensLoraConfig(construction=construction, factorization=factorization, roles=roles,
+                            num_heads=num_heads, layout=layout, layers_to_transform=layers_to_transform,
+                            role_patterns=role_patterns)
     return budgets.match_budget(config.construction, config.factorization, budget, _geometry_of(config, model_config),
                                fixed, config.layout)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .construction import ALL_LINEAR, FAMILIES, ROLE_NAMES, Geometry
+from .construction import ALL_LINEAR, FAMILIES, ROLE_NAMES, Geometry, parse_roles
 
 _BERT_LIKE = {
     "q": r"attention\.self\.query",
@@ -114,9 +114,10 @@ def role_patterns_for(model_type: str | None, role_patterns: Mapping[str, str] |
 
 def expand_roles(roles: str | Sequence[str], patterns: Mapping[str, str]) -> tuple[str, ...]:
     """The adapted roles in ``ROLE_NAMES`` order; ``"all-linear"`` is every role ``patterns`` has."""
-    if is_all_linear(roles):
+    roles = parse_roles(roles)
+    if roles == ALL_LINEAR:
         return tuple(r for r in ROLE_NAMES if r in patterns)
-    return tuple(r for r in ROLE_NAMES if r in roles)
+    return tuple(roles)
 
 
 def adapted_roles(roles: str | Sequence[str], model_type: str | None,
@@ -187,7 +188,7 @@ def geometry_from_config(model_config: Any, roles: Sequence[str], num_heads: int
 
     ``roles`` are explicit role names (see :func:`adapted_roles` for ``"all-linear"``).
     """
-    model_config = getattr(model_config, "text_config", None) or model_config
+    model_config = config_value(model_config, "text_config") or model_config  # multimodal: the language model
     hidden = config_value(model_config, "hidden_size", "n_embd", "dim", "d_model")
     layers = config_value(model_config, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
     if hidden is None or layers is None:

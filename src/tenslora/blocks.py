@@ -37,6 +37,7 @@ from .construction import (
     RankSpec,
     TensorSpec,
     fit_ranks,
+    one_or_per_family,
     resolve_family_ranks,
     resolve_ranks,
     tensor_specs,
@@ -143,8 +144,7 @@ def plan_tensors(construction: Construction, factorization: str, ranks: RankSpec
         family_ranks = resolve_family_ranks(construction, factorization, ranks, geometry)
         tensors = {key: (spec, fit_ranks(family_ranks[spec.family], spec.sizes))
                    for key, spec in tensor_specs(construction, geometry, layers).items()}
-        reported = family_ranks if len(family_ranks) > 1 else next(iter(family_ranks.values()))
-        return PlannedTensors(tensors, reported)
+        return PlannedTensors(tensors, one_or_per_family(family_ranks))
     sizes = block_sizes(construction, geometry)
     resolved = resolve_ranks(construction, factorization, ranks, sizes)
     specs = {block_key(construction, layer): TensorSpec(block_key(construction, layer), BLOCKS, sizes)

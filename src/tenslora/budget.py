@@ -13,6 +13,7 @@ from .construction import (
     check_factorization,
     get_construction,
     max_bond_ranks,
+    one_or_per_family,
 )
 
 
@@ -89,7 +90,7 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         per_family = {family: {m: min(r, n) if m not in fixed else ("full" if fixed[m] == "full" else min(fixed[m], n))
                                for m, n in caps.items()}
                       for family, caps in family_caps.items()}
-        return per_family if len(per_family) > 1 else next(iter(per_family.values()))
+        return one_or_per_family(per_family)
 
     free_caps = [n for caps in family_caps.values() for m, n in caps.items() if m not in fixed]
     best, best_count = None, None

@@ -6,8 +6,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+from peft import PeftModel
 from peft.config import PeftConfig
 
 from .blocks import check_layout
@@ -18,6 +19,7 @@ from .construction import (
     check_factorization,
     expand_preset,
     get_construction,
+    parse_roles,
     resolve_ranks,
 )
 from .registration import tenslora_peft_type
@@ -68,19 +70,6 @@ def _ranks(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_ranks(rank) for rank in value]
     return int(value) if isinstance(value, str) and value.strip().isdigit() else value
-
-
-def _roles(value: object) -> Union[list[str], str]:
-    """Role names in ``ROLE_NAMES`` order; "q,k,v" is read as three roles, "all-linear" is kept as it is."""
-    if isinstance(value, str):
-        value = [role.strip() for role in value.split(",") if role.strip()]
-    if isinstance(value, (list, tuple)) and list(value) == [ALL_LINEAR]:
-        return ALL_LINEAR
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, str) for r in value) \
-            or any(r not in ROLE_NAMES for r in value) or len(set(value)) != len(value):
-        raise ValueError(f"`roles` must be distinct names among {list(ROLE_NAMES)} (a list, or one string such as "
-                         f"'q,k,v'), or '{ALL_LINEAR}'; got {value!r}.")
-    return [r for r in ROLE_NAMES if r in value]  # the qkv mode follows ROLE_NAMES order
 
 
 def _regex(what: str, pattern: object, layer_group: bool = False) -> str:
@@ -233,7 +222,11 @@ class TensLoraConfig(PeftConfig):
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout}.")
         self.scaling = _real("scaling", self.scaling)
         self.init_weights = _flag("init_weights", self.init_weights)
-        self.roles = _roles(self.roles)
+        self.roles = parse_roles(self.roles)
+        if self.target_modules in (ALL_LINEAR, [ALL_LINEAR]):
+            raise ValueError(f"TensLoRA chooses modules by role: write roles='{ALL_LINEAR}' (every attention and MLP "
+                             f"projection) rather than target_modules='{ALL_LINEAR}'; target_modules, when given, "
+                             "only narrows the roles' modules.")
         if self.num_heads is not None:
             self.num_heads = _integer("num_heads", self.num_heads)
             if self.num_heads <= 0:
@@ -257,3 +250,20 @@ class TensLoraConfig(PeftConfig):
                 raise ValueError(f"`role_patterns` has unknown role(s) {unknown}; roles are {list(ROLE_NAMES)}.")
             self.role_patterns = {role: _regex(f"The pattern of role '{role}' in `role_patterns`", pattern)
                                   for role, pattern in self.role_patterns.items()}
+
+
+def adapter_config_of(peft_model: Any, adapter_name: str, kind: type[PeftConfig]) -> Any:
+    """The config of ``peft_model``'s adapter ``adapter_name``, which must be a ``kind`` (TensLoRA's or LoRA's):
+    each wrong argument named, with what to pass instead."""
+    if not isinstance(peft_model, PeftModel):
+        raise ValueError("Pass the PeftModel that carries the adapter (what get_peft_model or "
+                         "PeftModel.from_pretrained returns, before merge_and_unload), got a "
+                         f"{type(peft_model).__name__}.")
+    config = peft_model.peft_config.get(adapter_name)
+    if config is None:
+        raise ValueError(f"The model has no adapter named '{adapter_name}'; it has {list(peft_model.peft_config)}.")
+    if not isinstance(config, kind):
+        found = getattr(config.peft_type, "value", config.peft_type)
+        wanted = "TensLoRA" if kind is TensLoraConfig else "LoRA"
+        raise ValueError(f"Adapter '{adapter_name}' is a {found} adapter, not a {wanted} one.")
+    return config

@@ -1,4 +1,4 @@
-"""The seven ways of stacking projection updates into tensors (plus the plain matrix).
+"""The seven ways of stacking projection updates into tensors (plus the plain matrix and two fused ones).
 
 A *construction* decides which modes a tensor has and therefore which weight updates share a
 tensor. Every update is written in one orientation, (wide side) x (residual side):
@@ -64,6 +64,25 @@ def family_of(role: str) -> str:
         if role in roles:
             return family
     raise ValueError(f"Unknown role {role!r}; roles are {list(ROLE_NAMES)} or '{ALL_LINEAR}'.")
+
+
+def one_or_per_family(per_family: Mapping[str, object]) -> object:
+    """Ranks as a config writes them: one family's alone, several keyed by family."""
+    return dict(per_family) if len(per_family) > 1 else next(iter(per_family.values()))
+
+
+def parse_roles(value: object) -> Union[list[str], str]:
+    """Role names in ``ROLE_NAMES`` order; "q,k,v" is read as three roles, "all-linear" is kept as it is.
+    Anything else (an unknown or repeated name) is refused: a silently dropped role would change the budget."""
+    if isinstance(value, str):
+        value = [role.strip() for role in value.split(",") if role.strip()]
+    if isinstance(value, (list, tuple)) and list(value) == [ALL_LINEAR]:
+        return ALL_LINEAR
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(r, str) for r in value) \
+            or any(r not in ROLE_NAMES for r in value) or len(set(value)) != len(value):
+        raise ValueError(f"`roles` must be distinct names among {list(ROLE_NAMES)} (a list, or one string such as "
+                         f"'q,k,v'), or '{ALL_LINEAR}'; got {value!r}.")
+    return [r for r in ROLE_NAMES if r in value]  # the qkv mode follows ROLE_NAMES order
 
 
 @dataclass(frozen=True)
@@ -530,3 +549,10 @@ def expand_preset(name: str, ranks: RankSpec) -> tuple[str, str, RankSpec]:
     else:
         ranks = {family: _preset_ranks(preset, spec) for family, spec in specs.items()}
     return preset.construction, preset.factorization, ranks
+
+
+def preset_fixed_ranks(name: str) -> dict[str, str] | None:
+    """The modes a preset keeps full whatever the budget (LoTR's depth mode), for ``match_budget``'s ``fixed``;
+    ``None`` for a construction that is no preset, or a preset without such a rule."""
+    rules = PRESETS[name].tucker_ranks if name in PRESETS else None
+    return {mode: "full" for mode, rule in (rules or {}).items() if rule == "full"} or None

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from .lora_export import lora_adapter, new_folder, write_lora
+from .lora_export import lora_adapter, write_lora
 from .modeling import load_trained_model
-from .runs import read_run
+from .runs import new_folder, read_run
 
 
 def merge_run(run_dir: str, out_dir: str, trust_remote_code: bool = False) -> Path:
@@ -43,7 +43,7 @@ def export_run(run_dir: str, out_dir: str, trust_remote_code: bool = False) -> P
         raise ValueError(f"The run in '{run_dir}' trained the classification head only: it has no adapter to "
                          "export. `tenslora merge` saves its model as a plain transformers folder.")
     with new_folder(out_dir) as staging:
-        # the adapter alone is written
+        # the base as merge_run loads it; what is written is the adapter's factors alone, whatever the base
         model, preprocessor = load_trained_model(run_dir, run, dequantize=True, trust_remote_code=trust_remote_code)
         write_lora(*lora_adapter(model), staging)
         preprocessor.save_pretrained(staging)

@@ -1,10 +1,11 @@
 """A TensLoRA adapter written as a plain PEFT LoRA adapter, with no approximation.
 
 Every slice of a TensLoRA tensor is ``Delta W = s * (U_in B)^T``, of rank at most ``r_in`` (``R`` for CP):
-it *is* a LoRA with ``A = U_in^T`` and ``B = s * B^T``. A transposed slice (the attention output ``o``,
-whose update is the slice transposed) swaps the two: ``A = B`` and ``B = s * U_in``. A fused projection
-(GPT-2's ``c_attn``: q, k and v side by side) gets one LoRA whose ``A`` stacks the distinct input
-factors of its slices and whose ``B`` is block-structured (zero rows where a role is not adapted).
+it *is* a LoRA with ``A = U_in^T`` and ``B = s * B^T``. A transposed slice (the attention output ``o``
+and the MLP ``down``, whose update is the slice transposed) swaps the two: ``A = B`` and ``B = s * U_in``.
+A fused projection (GPT-2's ``c_attn``: q, k and v side by side) gets one LoRA whose ``A`` stacks the
+distinct input factors of its slices and whose ``B`` is block-structured (zero rows where a role is not
+adapted).
 
 The exported folder is an ordinary LoRA adapter: ``PeftModel.from_pretrained`` loads it in a process
 that never imports tenslora, and engines that serve LoRA adapters (multi-adapter batching included)
@@ -14,10 +15,6 @@ serve it as it is.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,8 +22,9 @@ from peft import LoraConfig, PeftModel
 from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .config import TensLoraConfig
+from .config import TensLoraConfig, adapter_config_of
 from .layer import TensLoraLayer
+from .runs import new_folder
 
 _MODEL_PREFIX = "base_model.model."  # how PEFT names the wrapped model's modules in a saved adapter
 _LORA_BIAS = {"none": "none", "all": "all", "tenslora_only": "lora_only"}  # trained biases keep LoRA's key names
@@ -41,7 +39,7 @@ def lora_adapter(peft_model: PeftModel, adapter_name: str = "default") -> tuple[
     ``rank_pattern`` and ``alpha_pattern``. Modules besides the adapter (the trained head) are kept as
     ``modules_to_save`` and trained biases as LoRA's ``bias``, under the keys PEFT saves them with.
     """
-    config = _tenslora_config(peft_model, adapter_name)
+    config = adapter_config_of(peft_model, adapter_name, TensLoraConfig)
     model = peft_model.base_model.model
     factors, conv1d = {}, set()
     for name, module in model.named_modules():
@@ -87,37 +85,3 @@ def write_lora(lora_config: LoraConfig, state: dict[str, torch.Tensor], folder: 
     """The two files of a PEFT adapter folder: ``adapter_config.json`` and ``adapter_model.safetensors``."""
     lora_config.save_pretrained(str(folder))
     save_file(state, str(folder / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
-
-
-@contextmanager
-def new_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """A staging folder beside ``path`` to write into, renamed to ``path`` when the block succeeds.
-
-    ``path`` must not exist or be empty: an export never mixes its files with others'.
-    """
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ValueError(f"'{path}' exists and is not an empty folder; choose a new output folder.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.export-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()  # with the user's umask, as any folder they create (mkdtemp's would be readable by them alone)
-    try:
-        yield staging
-        os.replace(staging, path)  # an empty folder at `path` is replaced too
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _tenslora_config(peft_model: PeftModel, adapter_name: str) -> TensLoraConfig:
-    if not isinstance(peft_model, PeftModel):
-        raise ValueError(f"export_lora takes the PeftModel that carries the adapter, got a "
-                         f"{type(peft_model).__name__}; pass the model returned by get_peft_model or "
-                         "PeftModel.from_pretrained (before merge_and_unload).")
-    config = peft_model.peft_config.get(adapter_name)
-    if config is None:
-        raise ValueError(f"The model has no adapter named '{adapter_name}'; it has {list(peft_model.peft_config)}.")
-    if not isinstance(config, TensLoraConfig):
-        kind = getattr(config.peft_type, "value", config.peft_type)
-        raise ValueError(f"Adapter '{adapter_name}' is a {kind} adapter, not a TensLoRA one; only TensLoRA adapters "
-                         "are exported (PEFT's own `convert_to_lora` handles other methods).")
-    return config

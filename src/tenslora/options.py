@@ -23,7 +23,7 @@ from pydantic.dataclasses import dataclass
 
 from .api import lora_parameter_count, match_budget
 from .config import TensLoraConfig
-from .construction import FAMILIES, PRESETS
+from .construction import FAMILIES, preset_fixed_ranks
 from .data import BUILTIN_TASKS, CAUSAL_LM_TASK, CUSTOM_TASK, DEFAULT_TASK, FILE_TASKS
 from .quantized import check_bitsandbytes_installed
 
@@ -265,12 +265,6 @@ class TrainOptions:
             raise ValueError(f"--max-length {self.max_length} is more than the model's {min(known)} positions; "
                              f"use --max-length {min(known)} or less.")
 
-    def replace(self, **changes: Any) -> TrainOptions:
-        """A copy with ``changes``, validated; unlike ``dataclasses.replace``, options this one left at their
-        default stay defaults (so a ``budget`` change is no contradiction with a default ``ranks``)."""
-        kept = {name: getattr(self, name) for name in option_names() if getattr(self, name) != default_value(name)}
-        return TrainOptions(**{**kept, **changes})
-
 
 def option_names() -> list[str]:
     """Every option, in declaration order: the config-file keys."""
@@ -399,10 +393,13 @@ def parse_budget(budget: str) -> tuple[Optional[int], Optional[int]]:
     return (value, None) if text.startswith("lora:") else (None, value)
 
 
-def budget_parameters(budget: str, model_config: Any, roles: list[str]) -> int:
-    """A budget as a parameter count: ``lora:8`` is the count of LoRA rank 8 on ``roles``."""
+def budget_parameters(budget: str, model_config: Any, config: TensLoraConfig) -> int:
+    """A budget as a parameter count: ``lora:8`` is the count of LoRA rank 8 on the modules ``config`` adapts."""
     lora_rank, parameters = parse_budget(budget)
-    return parameters if lora_rank is None else lora_parameter_count(lora_rank, model_config, roles)
+    if lora_rank is None:
+        return parameters
+    return lora_parameter_count(lora_rank, model_config, config.roles, config.layers_to_transform,
+                                config.role_patterns)
 
 
 def adapter_config(options: TrainOptions, model_config: Any, task_type: Optional[str],
@@ -417,10 +414,9 @@ def adapter_config(options: TrainOptions, model_config: Any, task_type: Optional
                             roles=options.roles, role_patterns=options.role_patterns, layout=options.layout,
                             task_type=task_type, modules_to_save=modules_to_save)
     if options.budget is not None and model_config is not None:
-        rules = PRESETS[options.construction].tucker_ranks if options.construction in PRESETS else None
-        fixed = {mode: "full" for mode, rule in (rules or {}).items() if rule == "full"} or None
-        budget = budget_parameters(options.budget, model_config, config.roles)
+        budget = budget_parameters(options.budget, model_config, config)
         config.ranks = match_budget(config.construction, config.factorization, budget, model_config,
-                                    roles=config.roles, fixed=fixed, layout=config.layout)
+                                    roles=config.roles, fixed=preset_fixed_ranks(options.construction),
+                                    layout=config.layout, role_patterns=config.role_patterns)
     return config
 

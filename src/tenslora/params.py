@@ -16,7 +16,6 @@ class Row:
     """One construction: its count at isorank r, and the ranks (and count) closest to LoRA rank r's count."""
 
     construction: str
-    isorank_ranks: Any
     isorank_parameters: int
     isoparameter_ranks: Any  # None when no ranks come near the budget
     isoparameter_parameters: int | None
@@ -39,7 +38,7 @@ def parameter_rows(model_config: Any, rank: int, roles: str | Sequence[str],
                                                       ranks=ranks, roles=roles), model_config)
         except ValueError:  # no ranks within a factor 2 of the budget
             ranks, matched = None, None
-        rows.append(Row(construction, rank, count_parameters(isorank, model_config), ranks, matched))
+        rows.append(Row(construction, count_parameters(isorank, model_config), ranks, matched))
     return budget, rows
 
 

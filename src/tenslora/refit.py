@@ -24,8 +24,8 @@ from .api import match_budget
 from .bank import TensorBank
 from .blocks import PlannedTensors, plan_tensors
 from .compression import check_energy, family_energy_ranks, fit, place_slice, truncated
-from .config import TensLoraConfig
-from .construction import PRESETS, ROLE_NAMES, RankSpec
+from .config import TensLoraConfig, adapter_config_of
+from .construction import ROLE_NAMES, RankSpec, one_or_per_family, preset_fixed_ranks
 from .layer import Segment, TensLoraLayer
 from .model import plan_targets
 
@@ -73,24 +73,6 @@ def relative_error(reference: Mapping[str, torch.Tensor], approximation: Mapping
     return (error / reference_norm) ** 0.5 if reference_norm > 0 else error ** 0.5
 
 
-def _adapter(peft_model: PeftModel, adapter_name: str, kind: type) -> Any:
-    if not isinstance(peft_model, PeftModel):
-        raise ValueError(f"Pass the PeftModel that carries the adapter, got a {type(peft_model).__name__}.")
-    config = peft_model.peft_config.get(adapter_name)
-    if config is None:
-        raise ValueError(f"The model has no adapter named '{adapter_name}'; it has {list(peft_model.peft_config)}.")
-    if not isinstance(config, kind):
-        found = getattr(config.peft_type, "value", config.peft_type)
-        wanted = "TensLoRA" if kind is TensLoraConfig else "LoRA"
-        raise ValueError(f"Adapter '{adapter_name}' is a {found} adapter, not a {wanted} one.")
-    return config
-
-
-def _one_or_per_family(family_ranks: Mapping[str, Any]) -> Any:
-    """Ranks as a config writes them: one family's alone, several keyed by family."""
-    return dict(family_ranks) if len(family_ranks) > 1 else next(iter(family_ranks.values()))
-
-
 def _bank_parameters(bank: TensorBank) -> int:
     return sum(parameter.numel() for parameter in bank.parameters())
 
@@ -119,7 +101,7 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
     asked above the adapter's stays the adapter's. The adapter's config gets the new ranks, so that
     ``save_pretrained`` writes an adapter that loads as any other. The tensors are never formed densely.
     """
-    config = _adapter(peft_model, adapter_name, TensLoraConfig)
+    config = adapter_config_of(peft_model, adapter_name, TensLoraConfig)
     check_compression_target(ranks, energy, budget)
     if config.factorization == "cp":
         raise ValueError("Only Tucker and tensor-train adapters have mode spectra to truncate; this one is CP (or the "
@@ -140,7 +122,7 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
                                          layout=bank.layout)
         wanted = _by_family(plan(ranks))
     held = _by_family(current)
-    new = plan(_one_or_per_family({family: {name: min(rank, held[family][name]) for name, rank in ranks.items()}
+    new = plan(one_or_per_family({family: {name: min(rank, held[family][name]) for name, rank in ranks.items()}
                                    for family, ranks in wanted.items()}))
     before, parameters_before = delta_weights(peft_model, adapter_name), _bank_parameters(bank)
     for key, (_, tensor_ranks) in new.tensors.items():
@@ -172,12 +154,13 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
     if factorization not in ("tucker", "tt"):
         raise ValueError(f"A LoRA is fitted by HOSVD (factorization 'tucker') or TT-SVD ('tt'), not {factorization!r}.")
     # Everything is checked before the LoRA is consumed: an error leaves the caller's model as it was.
-    TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks or 1, layout=layout)
+    ranks_to_check = 1 if ranks is None else ranks  # under a budget, match_budget sets the ranks further down
+    TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks_to_check, layout=layout)
     if not isinstance(lora, PeftModel):
         if base_model is None:
             raise ValueError(f"'{lora}' is an adapter folder: pass base_model=, the model the LoRA was trained on.")
         lora = PeftModel.from_pretrained(base_model, str(lora), adapter_name=adapter_name)
-    lora_config: LoraConfig = _adapter(lora, adapter_name, LoraConfig)
+    lora_config: LoraConfig = adapter_config_of(lora, adapter_name, LoraConfig)
     if lora_config.use_dora:
         raise ValueError("A DoRA adapter's update is not B A (it rescales the weight's columns); only plain LoRA "
                          "adapters are fitted.")
@@ -187,16 +170,14 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
                           if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name)
     adapted = lora.get_base_model()  # the base with the LoRA layers still in: every check runs on it
     roles = list(roles) if roles is not None else _lora_roles(adapted, deltas)
-    config = TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks or 1, roles=roles,
+    config = TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks_to_check, roles=roles,
                             task_type=lora_config.task_type, modules_to_save=lora_config.modules_to_save,
                             bias=_TENSLORA_BIAS[lora_config.bias], dropout=lora_config.lora_dropout,
                             base_model_name_or_path=lora_config.base_model_name_or_path,
                             revision=lora_config.revision, layout=layout)
     if budget is not None:
-        rules = PRESETS[construction].tucker_ranks if construction in PRESETS else None
-        fixed = {mode: "full" for mode, rule in (rules or {}).items() if rule == "full"} or None
         config.ranks = match_budget(config.construction, config.factorization, budget, adapted.config, roles=roles,
-                                    fixed=fixed, layout=layout)
+                                    fixed=preset_fixed_ranks(construction), layout=layout)
     plan_targets(adapted, copy.deepcopy(config))  # what get_peft_model would refuse, refused while the LoRA is whole
     model = get_peft_model(lora.unload(), config, adapter_name=adapter_name)
     bank: TensorBank = model.base_model.tenslora_tensors[adapter_name]

@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import TensLoraConfig
-from .lora_export import new_folder
 from .modeling import load_trained_model
 from .options import budget_parameters, parse_budget
 from .refit import check_compression_target, compress_adapter
-from .runs import METRICS_FILE, RUN_FILE, read_run, write_json
+from .runs import METRICS_FILE, RUN_FILE, new_folder, read_run, write_json
 from .train import evaluate_run
 
 
@@ -42,7 +41,7 @@ def compress_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, ranks: 
                        ranks=ranks)
     model, preprocessor = load_trained_model(str(run_dir), run, trust_remote_code=trust_remote_code)
     if budget is not None:
-        budget = budget_parameters(budget, model.base_model.model.config, model.peft_config["default"].roles)
+        budget = budget_parameters(budget, model.base_model.model.config, model.peft_config["default"])
     report = compress_adapter(model, ranks=ranks, energy=energy, budget=budget)
     summary: dict[str, Any] = {"compressed_from": str(run_dir), "asked": {"ranks": ranks, "energy": energy,
                                                                        "budget": budget}, **asdict(report)}

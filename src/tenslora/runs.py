@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,6 +53,25 @@ def atomic_destination(path: str | os.PathLike) -> Iterator[Path]:
         sync_to_disk(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextmanager
+def new_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A staging folder beside ``path`` to write into, renamed to ``path`` when the block succeeds.
+
+    ``path`` must not exist or be empty: an export never mixes its files with others'.
+    """
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"'{path}' exists and is not an empty folder; choose a new output folder.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.export-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # with the user's umask, as any folder they create (mkdtemp's would be readable by them alone)
+    try:
+        yield staging
+        os.replace(staging, path)  # an empty folder at `path` is replaced too
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> None:
