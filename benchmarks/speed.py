@@ -63,8 +63,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tenslora import TENSOR_CONSTRUCTIONS
+
+if TYPE_CHECKING:  # torch is imported in the measuring processes only
+    import torch
+    from torch import nn
 
 TRAINING_VARIANTS = ("floor", "lora", *TENSOR_CONSTRUCTIONS, "lorta")
 INFERENCE_VARIANTS = ("infer_base", "infer_merged")
@@ -117,7 +122,7 @@ def expand_variants(names: list[str]) -> list[str]:
     return variants
 
 
-def build_model(name: str, args: argparse.Namespace):
+def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, Any]:
     import transformers
 
     if name == "bert-base":
@@ -133,7 +138,7 @@ def build_model(name: str, args: argparse.Namespace):
     return transformers.LlamaForSequenceClassification(config), config
 
 
-def quantized_4bit(model):
+def quantized_4bit(model: nn.Module) -> nn.Module:
     """``model`` saved and loaded again with its block linears in bitsandbytes nf4, prepared for k-bit training."""
     import transformers
     from peft import prepare_model_for_kbit_training
@@ -145,7 +150,7 @@ def quantized_4bit(model):
     return prepare_model_for_kbit_training(model)
 
 
-def make_batch(name: str, batch_size: int, seq_len: int):
+def make_batch(name: str, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -155,7 +160,7 @@ def make_batch(name: str, batch_size: int, seq_len: int):
     return {"input_ids": torch.randint(1000, 30000, (batch_size, seq_len), generator=generator), "labels": labels}
 
 
-def attach(model, config, spec: ModelSpec, adapter: str):
+def attach(model: nn.Module, config: Any, spec: ModelSpec, adapter: str) -> tuple[nn.Module, int]:
     """Make ``model`` trainable the way ``adapter`` says; return (model, trainable adapter parameter count)."""
     from peft import LoraConfig, get_peft_model
 
@@ -186,7 +191,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def infer(model, batch: dict, steps: int) -> dict:
+def infer(model: nn.Module, batch: dict, steps: int) -> dict:
     """Median time of a no-grad forward pass (after one warm-up)."""
     import torch
 

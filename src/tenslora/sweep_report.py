@@ -25,6 +25,7 @@ from .runs import atomic_destination, write_atomic, write_csv
 from .stats import Estimate, format_estimate, paired_difference, t_interval
 
 RowKey = tuple[str, str, str]  # (construction, condition, budget)
+RESULTS_FILE = "results.csv"  # every run of the sweep, one per line
 DIVERGED = "diverged_at_step"  # the column of results.csv that marks a run that diverged (it has no scores)
 
 _INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters", DIVERGED)
@@ -275,7 +276,7 @@ def plot(path: Path, runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> 
 def write_reports(sweep_dir: Path, runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> None:
     """``results.csv``, ``results.md`` and ``results.png`` of every run in the folder."""
     runs = with_selection(runs)
-    write_csv(sweep_dir / "results.csv", runs)
+    write_csv(sweep_dir / RESULTS_FILE, runs)
     write_atomic(sweep_dir / "results.md", markdown_report(runs, notes))
     metrics = metric_columns(runs)
     if metrics:
