@@ -264,6 +264,7 @@ def test_lora_truncated_to_a_budget_is_the_hosvd_of_its_stack():
 
 @pytest.mark.parametrize("construction, arguments, lora_options, heads, message", [
     ("qkv", {"ranks": 2, "budget": 100}, {}, None, "exactly one of"),
+    ("qkv", {"ranks": 0}, {}, None, "must be a positive integer"),
     ("qkv", {"ranks": 2}, {"use_dora": True}, None, "DoRA"),
     ("qkv", {"ranks": 2}, {"target_modules": ["query", "pooler.dense"]}, None, "not attention or MLP projections"),
     ("qkv", {"ranks": 2, "factorization": "cp"}, {}, None, "HOSVD"),
