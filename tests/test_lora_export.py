@@ -17,6 +17,7 @@ from tenslora import TensLoraConfig, TensLoraLayer
 from tenslora.cli import main
 from tenslora.modeling import build_classifier, load_trained_model
 from tenslora.runs import new_folder, read_run
+from tenslora.train import evaluate_run
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert, gpt2, inputs, llama
 
@@ -186,10 +187,15 @@ def test_export_lora_command(pooling, tiny, tmp_path):  # noqa: F811
     assert main(["export-lora", str(run), str(out)]) == 2  # never writes into a folder that holds files
 
 
-def test_export_lora_refuses_a_head_only_run(tiny, tmp_path, capsys):  # noqa: F811
+def test_a_head_only_run_evaluates_and_merges_but_has_no_adapter_to_export(tiny, tmp_path, capsys):  # noqa: F811
+    """The sentence-transformers checkpoint gives a mean-pooling head, whose class reads its config as given."""
     run = tmp_path / "run"
     assert main(["train", *_TRAIN, "--data-dir", str(tiny / "mrpc"), "--output-dir", str(run), "--model",
                  str(tiny / "bert"), "--head-only"]) == 0
+    assert read_run(run)["pooling"] == "mean"
+    test_accuracy = json.loads((run / "metrics.json").read_text())["test"]["accuracy"]
+    assert evaluate_run(str(run))["test_accuracy"] == test_accuracy
+    assert main(["merge", str(run), str(tmp_path / "merged")]) == 0 and (tmp_path / "merged" / "config.json").is_file()
     capsys.readouterr()
     assert main(["export-lora", str(run), str(tmp_path / "lora")]) == 2
     assert "no adapter to export" in capsys.readouterr().err

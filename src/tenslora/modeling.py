@@ -222,7 +222,9 @@ def load_trained_model(run_dir: str, run: dict, dequantize: bool = False,
                          "of its run.json): put it back there, or set that entry to where the model is now.")
     preprocessor = load_preprocessor(run_dir, run["modality"], trust_remote_code)
     if "adapter" not in run:
-        head_only = from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust_remote_code)
+        # With its config given: the mean-pooling class's own config class is the generic one.
+        head_only = from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust_remote_code,
+                                    config=load_model_config(run_dir, trust_remote_code))
         return head_only, preprocessor
     if run["modality"] == CAUSAL_LM_TASK:
         bits = run.get("quantization")
