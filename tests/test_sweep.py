@@ -71,6 +71,10 @@ def test_points_then_plan_seed_major_and_rate_by_rate():
     assert by_name["qkv-isorank-r2-lr0.01-seed0"].budget is None and by_name["qkv-isorank-r2-lr0.01-seed0"].ranks == 2
     assert by_name["att-isoparameter-p1500-lr0.01-seed1"].budget == "1500"
     assert by_name["att-isorank-r8-lr0.01-seed1"].output_dir == str(Path("s") / "runs" / "att-isorank-r8-lr0.01-seed1")
+    blocks = {run.name: run.options for run in plan(TrainOptions(construction="qkv", layout="blocks"), Path("s"),
+                                                    found[:2], [0], [0.01])}
+    assert blocks["lora-r2-lr0.01-seed0"].layout == "roles"  # LoRA has none; the constructions keep theirs
+    assert blocks["qkv-isorank-r2-lr0.01-seed0"].layout == "blocks"
 
 
 def test_sweep_selects_on_validation_and_reports_every_run(sweep_dir):
@@ -148,6 +152,7 @@ def test_a_sweep_into_a_busy_or_foreign_folder_is_refused(tiny, sweep_dir, tmp_p
 @pytest.mark.parametrize("flags, message", [
     (["--conditions", "isobudget"], "Unknown condition(s) ['isobudget']"),
     (["--constructions", "qkv_depht"], "Unknown construction(s) ['qkv_depht']"),
+    (["--constructions", "qkv,lora"], "leave 'lora' out of --constructions"),
     (["--seeds", "zero"], "--seeds takes comma-separated integers"),
     (["--lrs", "fast"], "--lrs takes comma-separated numbers"),
     (["--lrs", "1e-2,0"], "positive learning rates"),

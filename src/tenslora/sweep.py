@@ -72,8 +72,9 @@ class Point:
     @property
     def adapter(self) -> dict[str, Any]:
         """The adapter options of its runs."""
-        if self.condition == "lora":
-            return {"construction": "lora", "factorization": None, "ranks": self.lora_rank, "budget": None}
+        if self.condition == "lora":  # LoRA has no block layout: a --layout blocks sweep applies to the others
+            return {"construction": "lora", "factorization": None, "ranks": self.lora_rank, "budget": None,
+                    "layout": "roles"}
         if self.condition == "isorank":
             return {"construction": self.construction, "ranks": self.lora_rank, "budget": None}
         return {"construction": self.construction, "ranks": default_value("ranks"), "budget": self.budget}
@@ -95,6 +96,9 @@ def points(lora_ranks: Sequence[int], constructions: Sequence[str], conditions: 
     unknown = [c for c in conditions if c not in CONDITIONS]
     if unknown:
         raise ValueError(f"Unknown condition(s) {unknown}; choose among {list(CONDITIONS)}.")
+    if "lora" in constructions:
+        raise ValueError("LoRA is the baseline every sweep trains at each --lora-ranks rank: leave 'lora' out of "
+                         "--constructions.")
     unknown = [c for c in constructions if c not in CONSTRUCTIONS and c not in PRESETS]
     if unknown:
         raise ValueError(f"Unknown construction(s) {unknown}; choose among {list(TENSOR_CONSTRUCTIONS)} "
