@@ -102,7 +102,7 @@ def test_texts_are_learnt_whole_and_cut_to_max_length():
                            tokenizer, max_length=8)
 
 
-def test_text_run_writes_loss_and_perplexity_then_evaluates(tiny, tmp_path):
+def test_text_run_writes_loss_and_perplexity_then_evaluates(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     metrics = run_training(TrainOptions(model=str(tiny / "llama"), output_dir=str(out), **_files(tiny, "text"), **FAST))
     for split in ("validation", "test"):
@@ -121,6 +121,10 @@ def test_text_run_writes_loss_and_perplexity_then_evaluates(tiny, tmp_path):
                                                         "train_file": str(tiny / "pairs-train.jsonl")})
     assert validation["validation_perplexity"] == pytest.approx(math.exp(validation["validation_loss"]))
     assert validation["validation_loss"] != pytest.approx(metrics["validation"]["loss"], rel=1e-3)  # the files given
+    capsys.readouterr()
+    assert main(["compress", str(out), str(tmp_path / "small"), "--ranks", "1", "--eval"]) == 0
+    printed = capsys.readouterr().out  # a causal LM's scores are its loss and perplexity
+    assert f"test loss: {metrics['test']['loss']:.4f} -> " in printed and "test perplexity: " in printed
 
 
 def test_prompt_completion_run_resumes_from_its_last_checkpoint(tiny, tmp_path):

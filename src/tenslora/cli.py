@@ -36,6 +36,7 @@ from .options import (
 )
 from .params import format_parameter_table
 from .run_compression import compress_run
+from .runs import read_run
 from .sweep import CONDITIONS, MAX_WIDENINGS, run_sweep
 from .train import end_process_group, evaluate_run, process_state, run_training
 
@@ -226,9 +227,14 @@ def command_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def reported_scores(causal_lm: bool) -> tuple[str, ...]:
+    """The scores printed: the task's metrics, and a causal LM's loss and perplexity (its only scores)."""
+    return (*METRICS, "loss", "perplexity") if causal_lm else tuple(METRICS)
+
+
 def format_training_report(metrics: dict[str, Any]) -> str:
     """The lines printed at the end of a run: test metrics, parameters, where the files are."""
-    scores = (*METRICS, "loss", "perplexity") if metrics["task"] == CAUSAL_LM_TASK else tuple(METRICS)
+    scores = reported_scores(metrics["task"] == CAUSAL_LM_TASK)
     test = ", ".join(f"{name} {value:.4f}" for name, value in metrics["test"].items() if name in scores)
     validation = ", ".join(f"{name} {value:.4f}" for name, value in metrics["validation"].items() if name in scores)
     head = metrics["trainable_parameters"] - metrics["adapter_parameters"]
@@ -311,8 +317,9 @@ def command_compress(args: argparse.Namespace) -> int:
              f"relative error of the updates: {summary['relative_error']:.3g}"]
     evaluation = summary.get("evaluation")
     if evaluation:
+        scores = reported_scores(read_run(args.run_dir)["modality"] == CAUSAL_LM_TASK)
         lines += [f"{evaluation['split']} {name}: {value:.4f} -> {evaluation['after'][name]:.4f}"
-                  for name, value in evaluation["before"].items() if name in METRICS]
+                  for name, value in evaluation["before"].items() if name in scores]
     print("\n".join(lines))
     return 0
 
