@@ -43,6 +43,8 @@ def test_budget_functions_count_the_modules_a_config_adapts():
     ``layers_to_transform`` count what a config with them adapts, on a model type TensLoRA does not know."""
     config = bert().config
     assert tenslora.lora_parameter_count(8, config, roles="down") == 8 * (37 + 32) * 2  # down: 37 -> 32, 2 layers
+    with pytest.raises(ValueError, match=r"No module pattern for role\(s\) \['gate'\]"):  # BERT has no gate
+        tenslora.lora_parameter_count(8, config, roles="gate,up")
     unknown = config.to_dict() | {"model_type": "mystery"}
     patterns = {"q": r"attention\.self\.query", "up": r"intermediate\.dense"}
     assert tenslora.lora_parameter_count(8, unknown, "all-linear", [1], patterns) == 8 * (32 + 32 + 32 + 37)

@@ -122,10 +122,11 @@ def expand_roles(roles: str | Sequence[str], patterns: Mapping[str, str]) -> tup
 
 def adapted_roles(roles: str | Sequence[str], model_type: str | None,
                   role_patterns: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """``roles`` for a model of ``model_type``: ``"all-linear"`` expanded by its role table."""
-    if not is_all_linear(roles):
-        return expand_roles(roles, {})
-    return expand_roles(roles, role_patterns_for(model_type, role_patterns, roles))
+    """``roles`` for a model of ``model_type``: ``"all-linear"`` expanded by its role table, and roles it does not
+    have refused (as ``get_peft_model`` would); for a model type TensLoRA does not know, explicit roles as given."""
+    if is_all_linear(roles) or role_patterns or model_type in ROLE_PATTERNS:
+        return expand_roles(roles, role_patterns_for(model_type, role_patterns, roles))
+    return expand_roles(roles, {})
 
 
 def target_regex(patterns: Mapping[str, str], roles: Sequence[str]) -> str:
