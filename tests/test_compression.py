@@ -186,6 +186,8 @@ def test_budget_picks_match_budget_ranks():
     geometry = model.base_model.tenslora_tensors["default"].geometry
     assert report.parameters_after == count_adapter_parameters("qkv_depth", "tucker", report.ranks_after, geometry)
     assert 75 <= report.parameters_after <= 300
+    within = compress_adapter(model, budget=10**6)  # beyond any rank of the construction: nothing to cut
+    assert within.ranks_after == within.ranks_before and within.parameters_after == report.parameters_after
 
 
 # ---------------------------------------------------------------------------------------------------------------

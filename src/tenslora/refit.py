@@ -117,9 +117,9 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
         wanted = family_energy_ranks(bank.tensors, {key: spec.family for key, (spec, _) in current.tensors.items()},
                                      energy)
     else:
-        if budget is not None:
-            ranks = budgets.match_budget(config.construction, config.factorization, budget, bank.geometry,
-                                         layout=bank.layout)
+        if budget is not None:  # an adapter already within the budget is kept as it is
+            ranks = config.ranks if budget >= _bank_parameters(bank) else budgets.match_budget(
+                config.construction, config.factorization, budget, bank.geometry, layout=bank.layout)
         wanted = _by_family(plan(ranks))
     held = _by_family(current)
     new = plan(one_or_per_family({family: {name: min(rank, held[family][name]) for name, rank in ranks.items()}
