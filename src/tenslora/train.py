@@ -200,7 +200,7 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         raise ValueError(
             f"This process sees {arguments.n_gpu} GPUs: the Trainer would run it under nn.DataParallel, whose "
             "replicas cannot reach an adapter's shared tensors. Run one process per GPU (torchrun --standalone "
-            f"--nproc-per-node {arguments.n_gpu} -m tenslora train ..., or accelerate launch), or use one GPU "
+            f"--nproc-per-node {arguments.n_gpu} -m tenslora ..., or accelerate launch), or use one GPU "
             "(CUDA_VISIBLE_DEVICES=0)."
         )
     return arguments
