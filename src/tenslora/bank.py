@@ -7,7 +7,7 @@ adapted projection. It knows nothing about models beyond a :class:`Geometry`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -35,10 +35,12 @@ class SliceAddress:
     width: int
     transposed: bool  # o and down map the wide side to the residual: their update is the slice transposed
 
-    @property
-    def slot(self) -> tuple:
-        """The slice as a hashable value: which projection (or block) had a shared product (reuse.py)."""
-        return (self.key, *sorted(self.index.items()))
+    #: The slice as a hashable value: which projection (or block) had a shared product (reuse.py). Formed once
+    #: here, not in the forward passes that read it (a cached_property's lock would break torch.compile's graph).
+    slot: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slot", (self.key, *sorted(self.index.items())))
 
 
 class TensorBank(nn.Module):
