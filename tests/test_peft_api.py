@@ -320,11 +320,14 @@ def test_passes_through_an_inner_module_compute_afresh():
     for accumulated, single in zip((p.grad for p in tensors), once, strict=True):
         torch.testing.assert_close(accumulated, 2 * single)
     with torch.no_grad():
+        before = encoder(**batch).last_hidden_state  # shares its products in the mode of the pass below
         for parameter in tensors:
             parameter.data.mul_(3.0)  # no version bump, as an EMA or an optimizer writing .data
         inner = encoder(**batch).last_hidden_state
         model(**batch)  # a top-level pass: its hooks clear what was shared
-        torch.testing.assert_close(inner, encoder(**batch).last_hidden_state)
+        fresh = encoder(**batch).last_hidden_state
+    assert not torch.allclose(before, fresh, atol=1e-4)
+    torch.testing.assert_close(inner, fresh)
 
 
 @pytest.mark.parametrize("construction", ["qkv_depth", "att_qkv", "depth"])

@@ -84,6 +84,17 @@ def _logits(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
+def _requantized(weight: torch.Tensor, like) -> torch.Tensor:
+    """``weight`` quantized by bitsandbytes as the weight ``like`` is, and dequantized (fp32)."""
+    if isinstance(like, bnb.nn.Params4bit):
+        data, state = bnb.functional.quantize_4bit(weight, blocksize=like.blocksize, quant_type=like.quant_type,
+                                                   compress_statistics=like.compress_statistics,
+                                                   quant_storage=like.quant_storage)
+        return bnb.functional.dequantize_4bit(data, state).float()
+    data, scales, _ = bnb.functional.int8_vectorwise_quant(weight.half())
+    return data.float() * scales.float()[:, None] / 127
+
+
 @pytest.mark.parametrize("roles", ROLES)
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_merge_requantizes_and_moves_the_output_to_the_adapted_one(llama_folder, quantization, roles):
@@ -93,8 +104,15 @@ def test_merge_requantizes_and_moves_the_output_to_the_adapted_one(llama_folder,
     with model.disable_adapter():
         base = _logits(model, batch)
     settings = _settings(_projection(model).get_base_layer().weight)
+    targets = {name: (dense_weight(module.get_base_layer()) + module.get_delta_weight("default").float(),
+                      module.get_base_layer().weight)
+               for name, module in model.base_model.model.named_modules() if isinstance(module, TensLoraLayer)}
     with pytest.warns(UserWarning, match="rounds the merged weights"):
         merged = model.merge_and_unload()
+    modules = dict(merged.named_modules())
+    for name, (target, quantized_like) in targets.items():  # bitsandbytes' own rounding of W + delta W, no other
+        torch.testing.assert_close(dense_weight(modules[name]), _requantized(target, quantized_like), atol=1e-7,
+                                   rtol=0)
     layer = merged.model.layers[0].self_attn.q_proj
     assert type(layer) in (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) and _settings(layer.weight) == settings
     if roles == "all-linear":

@@ -281,6 +281,32 @@ def test_the_learning_rate_is_chosen_on_validation_and_reported_on_test(tiny, tm
     assert "| 0.01 of 0.01, 0.1 | 3 | 0.5100 ± 0.0100 [" in _table_line(out, "| isoparameter | qkv_depth |")
 
 
+
+@pytest.mark.parametrize("validation, chosen", [
+    # 0.1 is best on seed 0 and on the best seed, 0.01 on the mean over the seeds: the mean decides
+    ({0.1: (0.9, 0.5, 0.5), 0.01: (0.7, 0.7, 0.7)}, 0.01),
+    ({0.1: (0.7, 0.7, 0.7), 0.01: (0.7, 0.7, 0.7)}, 0.01),  # a tie goes to the smaller rate
+    ({0.1: (0.7, 0.8, 0.7), 0.01: (0.7, 0.7, 0.7)}, 0.1),
+])
+def test_without_the_economy_the_rate_is_chosen_on_the_mean_over_seeds(validation, chosen, tiny, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
+    out, _ = _fake_sweep(tiny, tmp_path, monkeypatch, lambda options: (validation[options.lr][options.seed], 0.7),
+                         "--lrs", "0.01,0.1", "--seeds", "0,1,2")
+    assert {float(row["lr"]) for row in _rows(out) if row["selected"] == "True"} == {chosen}
+
+
+def test_a_seed_that_diverges_at_the_chosen_rate_leaves_the_row_with_the_others(tiny, tmp_path,  # noqa: F811
+                                                                                monkeypatch):
+    """Seed 0 chooses 0.01; seed 1, run there only (the economy), diverges: the row reports seeds 0 and 2."""
+    def scores(options):
+        if options.seed == 1:
+            raise TrainingDiverged("Training diverged at step 3", 3)
+        return (0.8 if options.lr == 0.01 else 0.6), 0.6 + 0.01 * options.seed
+
+    out, _ = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--lrs", "0.01,0.1", "--seeds", "0,1,2",
+                         "--select-on-seed", "0")
+    assert "| 0.01 of 0.01, 0.1 | 2 | 0.6100 ± 0.0141 [" in _table_line(out, "| lora | lora |")
+
 def test_the_economy_runs_the_other_seeds_at_the_rate_seed_0_selects(tiny, tmp_path, monkeypatch):  # noqa: F811
     def scores(options):  # seed 0 prefers 0.1, every other seed 0.01: the choice is seed 0's
         return (0.8 if (options.lr == 0.1) == (options.seed == 0) else 0.6), 0.7

@@ -178,8 +178,24 @@ def test_kill_9_then_resume_loses_no_epoch(tiny, tmp_path):
 
 
 def test_bf16_autocast_runs(tiny, tmp_path):
-    """bfloat16 autocast (the default where the hardware has it); the adapter's factors stay float32."""
+    """bfloat16 autocast (the default where the hardware has it): the adapted projections compute in bfloat16,
+    the adapter's factors stay float32 in training and in the saved file."""
+    out = tmp_path / "run"
     options = TrainOptions(task="glue-mrpc", data_dir=str(tiny / "mrpc"), model=str(tiny / "bert"),
-                           output_dir=str(tmp_path / "run"), **{**FAST, "epochs": 1, "bf16": True})
+                           output_dir=str(out), **{**FAST, "epochs": 1, "bf16": True})
     assert all(p.dtype == torch.float32 for p in prepare(options).model.parameters())
-    assert run_training(options)["options"]["bf16"] is True
+    output_dtypes = set()
+
+    def record(module, args, output):
+        if isinstance(module, tenslora.TensLoraLayer):
+            output_dtypes.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        metrics = run_training(options)
+    finally:
+        hook.remove()
+    assert metrics["bf16"] is True
+    assert output_dtypes == {torch.bfloat16}
+    with safe_open(out / "adapter_model.safetensors", framework="pt") as weights:
+        assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float32}
