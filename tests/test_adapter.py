@@ -69,8 +69,10 @@ def test_adapter_matches_dense_oracle_and_merges(model_name, construction, facto
     geometry = bank.geometry
     adapted = {n: m for n, m in model.named_modules() if isinstance(m, TensLoraLayer)}
     assert sorted({_role(n) for n in adapted}) == sorted(ROLES) and len(adapted) == 4 * geometry.num_layers
+    deltas = {}
     for name, layer in adapted.items():
         expected = _expected_delta(bank, construction, factorization, _role(name), _layer(name), geometry)
+        deltas[name] = expected
         torch.testing.assert_close(layer.get_delta_weight("default"), expected, atol=1e-5, rtol=1e-4)
         x = torch.randn(2, 5, layer.in_features)
         with torch.no_grad():
@@ -83,6 +85,9 @@ def test_adapter_matches_dense_oracle_and_merges(model_name, construction, facto
         assert (adapted_logits - reference).abs().max() > 1e-6
         base_weights = {n: m.base_layer.weight.clone() for n, m in adapted.items()}
         model.merge_adapter()
+        for name, layer in adapted.items():  # the update itself, which may move these tiny logits very little
+            torch.testing.assert_close(layer.base_layer.weight, base_weights[name] + deltas[name], atol=1e-5,
+                                       rtol=1e-4)
         torch.testing.assert_close(model(**batch).logits, adapted_logits, atol=1e-5, rtol=1e-5)
         model.unmerge_adapter()
         for name, layer in adapted.items():
@@ -91,6 +96,10 @@ def test_adapter_matches_dense_oracle_and_merges(model_name, construction, facto
             torch.testing.assert_close(model(**batch).logits, reference, atol=1e-6, rtol=0)
         merged = model.merge_and_unload()
         assert not any(isinstance(m, TensLoraLayer) for m in merged.modules())
+        merged_modules = dict(merged.named_modules())
+        for name in adapted:
+            torch.testing.assert_close(merged_modules[name.removeprefix("base_model.model.")].weight,
+                                       base_weights[name] + deltas[name], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(merged(**batch).logits, adapted_logits, atol=1e-5, rtol=1e-5)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 import tenslora
 from tenslora.cli import format_training_report, main
@@ -213,6 +214,14 @@ def test_merge_saves_a_model_that_loads_without_tenslora(head, mean_run, tiny, t
         expected = model.eval()(**tokenizer(texts, padding=True, return_tensors="pt")).logits
     got = _logits_without_tenslora(tmp_path / "merged", tmp_path, texts, remote_code=head == "mean")
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    merged_weights = load_file(tmp_path / "merged" / "model.safetensors")
+    adapted = {name: layer for name, layer in model.named_modules() if isinstance(layer, tenslora.TensLoraLayer)}
+    with torch.no_grad():  # each weight is W + delta W: a check that does not depend on how far the logits moved
+        for name, layer in adapted.items():
+            delta = layer.get_delta_weight("default")
+            assert delta.abs().max() > 1e-5, f"{name}: the run's training did not move its update"
+            torch.testing.assert_close(merged_weights[name.removeprefix("base_model.model.") + ".weight"],
+                                       layer.get_base_layer().weight + delta, atol=1e-6, rtol=0)
     assert main(["merge", str(run), str(tmp_path / "merged")]) == 2  # never overwrites
 
 

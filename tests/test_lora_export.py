@@ -184,6 +184,12 @@ def test_export_lora_command(pooling, tiny, tmp_path):  # noqa: F811
     with torch.no_grad():
         torch.testing.assert_close(exported_model(**batch).logits, trained.eval()(**batch).logits,
                                    atol=1e-5, rtol=1e-5)
+        lora_layers = dict(exported_model.named_modules())
+        updates = {name: layer.get_delta_weight("default") for name, layer in trained.named_modules()
+                   if isinstance(layer, TensLoraLayer)}
+        assert len(updates) == 3 * 2 and max(update.abs().max() for update in updates.values()) > 1e-5
+        for name, update in updates.items():  # the updates themselves, however little they move these logits
+            torch.testing.assert_close(lora_layers[name].get_delta_weight("default"), update, atol=1e-6, rtol=1e-5)
     assert main(["export-lora", str(run), str(out)]) == 2  # never writes into a folder that holds files
 
 

@@ -273,6 +273,9 @@ def test_generation_with_the_adapter_and_after_merging():
         model.merge_adapter()
         assert torch.equal(model.generate(input_ids=prompt, **settings), adapted)
         model.unmerge_adapter()
+        assert torch.equal(model.generate(input_ids=prompt, **settings), adapted)
+        with model.disable_adapter():
+            assert torch.equal(model.generate(input_ids=prompt, **settings), base)
         assert torch.equal(llama_causal_lm().generate(input_ids=prompt, **settings), base)
         assert torch.equal(model.merge_and_unload().generate(input_ids=prompt, **settings), adapted)
-    assert adapted.shape == (1, 11)
+    assert adapted.shape == (1, 11) and not torch.equal(adapted, base)

@@ -162,10 +162,11 @@ def test_a_save_leaves_sibling_folders_that_are_not_its_leftovers(tmp_path):
     users = tmp_path / ".adapter.notes_v2"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    with pytest.raises(OSError), new_folder(tmp_path / "adapter") as exporting:  # its rename then finds the
-        (exporting / "adapter_config.json").write_text("{}")                     # folder taken, and fails
+    with pytest.raises(OSError) as refused, new_folder(tmp_path / "adapter") as exporting:
+        (exporting / "adapter_config.json").write_text("{}")
         tenslora.save_adapter(_adapter(2, seed=0), tmp_path / "adapter")
         assert exporting.is_dir()
+    assert refused.value.filename == str(exporting)  # the export's own rename, which found the folder taken
     assert (users / "notes.txt").read_text() == "mine"
 
 

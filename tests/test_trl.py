@@ -75,6 +75,10 @@ def test_sft_trainer_qlora_recipe_all_linear_on_a_4bit_base(tmp_path):
     adapted = {name.rsplit(".", 1)[-1] for name, module in trainer.model.named_modules()
                if isinstance(module, tenslora.TensLoraLayer)}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    tensors = dict(trainer.model.base_model.tenslora_tensors.named_parameters())
+    before = {name: tensor.detach().clone() for name, tensor in tensors.items()}
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    unmoved = [name for name, tensor in tensors.items() if torch.equal(tensor, before[name])]
+    assert not unmoved, f"adapter tensors the 4-bit training left as they were: {unmoved}"
