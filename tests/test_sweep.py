@@ -397,6 +397,29 @@ def test_budgets_out_of_reach_or_repeating_ranks_are_skipped_with_a_note(tiny, t
     assert all(note in printed and f"- {note}" in report for note in notes)
 
 
+
+def test_the_frontier_plots_each_method_at_its_parameters_with_the_spread_over_seeds(tiny, tmp_path,  # noqa: F811
+                                                                                    monkeypatch):
+    """One line per method over its budgets (log x), each point the mean test score over seeds at the chosen
+    rate, its error bar the standard deviation."""
+    import matplotlib.pyplot
+
+    figures = []
+    monkeypatch.setattr(matplotlib.pyplot, "close", figures.append)  # keep the figure the report draws
+
+    def scores(options):
+        return 0.7, (0.6 if options.construction == "lora" else 0.5) + 0.1 * options.seed
+
+    _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--seeds", "0,1,2", "--budgets", "100")
+    axes = figures[-1].axes[0]
+    assert axes.get_xscale() == "log"
+    lines = {container.get_label(): container for container in axes.containers}
+    assert sorted(lines) == ["LoRA (ranks)", "qkv_depth (isoparameter)"]
+    for label, x, y in [("LoRA (ranks)", [200], [0.7]), ("qkv_depth (isoparameter)", [150, 300], [0.6, 0.6])]:
+        line, _, (bars,) = lines[label].lines
+        assert list(line.get_xdata()) == x and line.get_ydata() == pytest.approx(y)
+        assert [segment[1][1] - segment[0][1] for segment in bars.get_segments()] == pytest.approx([0.2] * len(x))
+
 @pytest.mark.parametrize("score_at_100, answer", [
     (0.795, "the smallest adapter within 0.01 of it is qkv_depth at 100 (150 parameters, 1.33× fewer): 0.7950."),
     (0.785, "no smaller adapter is within 0.01 of it."),
