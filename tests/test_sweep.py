@@ -281,7 +281,6 @@ def test_the_learning_rate_is_chosen_on_validation_and_reported_on_test(tiny, tm
     assert "| 0.01 of 0.01, 0.1 | 3 | 0.5100 ± 0.0100 [" in _table_line(out, "| isoparameter | qkv_depth |")
 
 
-
 @pytest.mark.parametrize("validation, chosen", [
     # 0.1 is best on seed 0 and on the best seed, 0.01 on the mean over the seeds: the mean decides
     ({0.1: (0.9, 0.5, 0.5), 0.01: (0.7, 0.7, 0.7)}, 0.01),
@@ -306,6 +305,7 @@ def test_a_seed_that_diverges_at_the_chosen_rate_leaves_the_row_with_the_others(
     out, _ = _fake_sweep(tiny, tmp_path, monkeypatch, scores, "--lrs", "0.01,0.1", "--seeds", "0,1,2",
                          "--select-on-seed", "0")
     assert "| 0.01 of 0.01, 0.1 | 2 | 0.6100 ± 0.0141 [" in _table_line(out, "| lora | lora |")
+
 
 def test_the_economy_runs_the_other_seeds_at_the_rate_seed_0_selects(tiny, tmp_path, monkeypatch):  # noqa: F811
     def scores(options):  # seed 0 prefers 0.1, every other seed 0.01: the choice is seed 0's
@@ -397,7 +397,6 @@ def test_budgets_out_of_reach_or_repeating_ranks_are_skipped_with_a_note(tiny, t
     assert all(note in printed and f"- {note}" in report for note in notes)
 
 
-
 def test_the_frontier_plots_each_method_at_its_parameters_with_the_spread_over_seeds(tiny, tmp_path,  # noqa: F811
                                                                                     monkeypatch):
     """One line per method over its budgets (log x), each point the mean test score over seeds at the chosen
@@ -419,6 +418,7 @@ def test_the_frontier_plots_each_method_at_its_parameters_with_the_spread_over_s
         line, _, (bars,) = lines[label].lines
         assert list(line.get_xdata()) == x and line.get_ydata() == pytest.approx(y)
         assert [segment[1][1] - segment[0][1] for segment in bars.get_segments()] == pytest.approx([0.2] * len(x))
+
 
 @pytest.mark.parametrize("score_at_100, answer", [
     (0.795, "the smallest adapter within 0.01 of it is qkv_depth at 100 (150 parameters, 1.33× fewer): 0.7950."),
