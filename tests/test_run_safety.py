@@ -116,49 +116,74 @@ def test_a_kill_at_any_rename_leaves_a_whole_adapter(tmp_path, monkeypatch):
     assert outcomes == ["old"] + ["new"] * (renames - 1)  # killed before the commit: old; after: new
 
 
-def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path):
-    """The earlier scheme's sibling folders (a kill between its two renames left no adapter at the target,
-    and its files in a retired copy) and an uncommitted staging folder of the present one."""
+def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path, monkeypatch):
+    """A save killed before its commit is discarded by the next save; one killed after it is finished by the
+    next load, which moves the files its journal lists and nothing else."""
     old, new = _adapter(2, seed=0), _adapter(3, seed=1)
     folder = tmp_path / "adapter"
     tenslora.save_adapter(old, folder)
     (folder / "history.csv").write_text("kept")
-    retired = tmp_path / ".adapter.old.k3x9_a2q"
-    retired.mkdir()
-    os.rename(folder, retired / "adapter")
-    tenslora.save_adapter(new, tmp_path / ".adapter.z8w1m0pa")  # the earlier scheme's staging folder
-    (tmp_path / "unrelated.txt").write_text("not ours")
+    real_replace = os.replace
 
-    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))  # restored where it was
-    assert (folder / "history.csv").read_text() == "kept"
-    assert not retired.exists()
+    def killed_at_the_first_file(source, target):
+        if Path(source).parent.name.endswith(".committed"):
+            raise Killed
+        real_replace(source, target)
 
-    (folder / ".tenslora-save-x1y2z3").mkdir()  # a save killed before its commit
-    (folder / ".tenslora-save-x1y2z3" / "adapter_config.json").write_text("{partial")
-    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))
-    tenslora.save_adapter(new, folder)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "unrelated.txt"]
-    assert not [path for path in folder.iterdir() if path.name.startswith(".")]
-    assert (folder / "history.csv").read_text() == "kept"
+    monkeypatch.setattr(os, "replace", killed_at_the_first_file)
+    with pytest.raises(Killed):
+        tenslora.save_adapter(new, folder)
+    monkeypatch.setattr(os, "replace", real_replace)
+    (committed,) = folder.glob(".tenslora-save-*.committed")
+    (committed / "notes.txt").write_text("not in the journal")  # put there by someone else: not ours to move
     assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(new))
+    assert not (folder / "notes.txt").exists() and not committed.exists()
+
+    unfinished = folder / ".tenslora-save-x1y2z3"
+    unfinished.mkdir()
+    (unfinished / ".tenslora-journal.json").write_text('{"format": "tenslora-save/1", "files": null}')
+    (unfinished / "adapter_config.json").write_text("{partial")
+    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(new))  # a reader discards nothing
+    tenslora.save_adapter(old, folder)
+    assert not unfinished.exists() and (folder / "history.csv").read_text() == "kept"
+    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))
 
 
-def test_a_retired_copy_gives_back_the_files_the_earlier_scheme_deleted(tmp_path):
-    """Killed after its second rename: the new adapter is in place, the retired copy holds the other files."""
-    old, new = _adapter(2, seed=0), _adapter(3, seed=1)
-    tenslora.save_adapter(old, tmp_path / "old")
-    (tmp_path / "old" / "metrics.json").write_text("{}")
-    retired = tmp_path / ".adapter.old.abcdefgh"
-    retired.mkdir()
-    os.rename(tmp_path / "old", retired / "adapter")
-    new.save_pretrained(tmp_path / "adapter")
-    assert _same(_state(tenslora.load_adapter(bert(), tmp_path / "adapter")), _state(new))
-    assert (tmp_path / "adapter" / "metrics.json").read_text() == "{}" and not retired.exists()
+def test_nothing_the_save_did_not_write_is_moved_or_deleted(tmp_path):
+    """Folders that only look like leftovers of a save (by their names, beside or inside the adapter folder,
+    even holding adapter files) are the user's: saves and loads leave them and their files as they are."""
+    folder = tmp_path / "adapter"
+    tenslora.save_adapter(_adapter(2, seed=0), folder)
+    lookalikes = [tmp_path / ".adapter.20241202", tmp_path / ".adapter.backup01", tmp_path / ".adapter.old.abcdefgh",
+                  folder / ".tenslora-save-mine", folder / ".tenslora-save-mine.committed"]
+    for lookalike in lookalikes:
+        (lookalike / "adapter").mkdir(parents=True)
+        tenslora.save_adapter(_adapter(3, seed=1), lookalike / "adapter")
+        (lookalike / "notes.txt").write_text("mine")
+    (folder / ".tenslora-save-forged.committed").mkdir()
+    (folder / ".tenslora-save-forged.committed" / ".tenslora-journal.json").write_text(
+        '{"format": "tenslora-save/1", "files": ["../../escaped.txt"]}')  # a journal naming a way out is not ours
+    before = {lookalike: _files(lookalike) for lookalike in lookalikes}
+
+    tenslora.save_adapter(_adapter(2, seed=2), folder)
+    tenslora.load_adapter(bert(), folder)
+    assert {lookalike: _files(lookalike) for lookalike in lookalikes} == before
+    assert (folder / ".tenslora-save-forged.committed").is_dir()
+
+
+def test_adapter_names_that_leave_the_folder_are_refused(tmp_path):
+    """PEFT saves a non-default adapter in a subfolder named after it: an absolute name or one with a path in it
+    would write elsewhere."""
+    model = _adapter(2, seed=0)
+    for name in ("/elsewhere/x", "../up", "a/b", "..", ""):
+        with pytest.raises(ValueError, match="adapter name"):
+            model.add_adapter(name, TensLoraConfig(construction="qkv", ranks=2))
+    tenslora.save_adapter(model, tmp_path / "adapter")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_a_save_leaves_sibling_folders_that_are_not_its_leftovers(tmp_path):
-    """Only a folder with nothing but adapter files passes for the earlier scheme's unfinished save: a user's
-    folder of the same shape of name, and an export being written beside it, stay."""
+    """A user's folder of a save-like name, and an export being written beside it, stay."""
     users = tmp_path / ".adapter.notes_v2"
     users.mkdir()
     (users / "notes.txt").write_text("mine")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -127,6 +128,7 @@ class TensLoraModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        _check_name_stays_in_folder(adapter_name)
         config = self._config_for_this_model(adapter_name)
         targets, geometry = plan_targets(model, config)
         # Under low_cpu_mem_usage (PeftModel.from_pretrained builds the whole tuner so) the factors are created on
@@ -282,6 +284,16 @@ class TensLoraModel(BaseTuner):
         if marker in key:
             return key.replace(marker, f"{_BANKS}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _check_name_stays_in_folder(adapter_name: str) -> None:
+    """PEFT saves every adapter but ``default`` in a subfolder named after it: a name that is absolute or holds a
+    path would write outside the folder the user chose, so only a plain folder name is accepted."""
+    if (not adapter_name or adapter_name in (".", "..") or "/" in adapter_name or "\\" in adapter_name
+            or os.path.isabs(adapter_name)):
+        raise ValueError(f"The adapter name {adapter_name!r} is not a plain folder name: PEFT saves a non-default "
+                         f"adapter in a subfolder named after it, which must stay inside the save folder. Use a name "
+                         f"without '/', '\\' or '..' (e.g. 'task_a').")
 
 
 def _check_one_module_per_slot(targets: Sequence[Target]) -> None:

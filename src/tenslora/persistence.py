@@ -8,9 +8,11 @@ half-written adapter where a good one was, and a load checks the files before tr
 A save replaces only the files ``save_pretrained`` writes, as PEFT does in place (a run folder's
 history, metrics and checkpoints, or a user's own files, stay), through a small redo journal:
 the files are written and synced in a hidden staging folder inside the target; renaming it to
-``*.committed`` commits the save; then each file is renamed over its old version. A kill before
-the commit leaves the old adapter (the next save discards the staging folder); a kill after it
-leaves a committed journal that the next ``save_adapter`` or ``load_adapter`` finishes. Only in a
+``*.committed`` commits the save; then each file is renamed over its old version. The staging folder
+holds a journal (``.tenslora-journal.json``) that proves it is ours and lists the files to move: recovery
+touches nothing else, whatever its name. A kill before the commit leaves the old adapter (the next save
+discards the staging folder); a kill after it leaves a committed journal that the next ``save_adapter``
+or ``load_adapter`` finishes. Only in a
 folder a kill left between those few renames, and until then, would a bare
 ``PeftModel.from_pretrained`` (which knows nothing of the journal) see old and new files together.
 """
@@ -20,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,6 +36,8 @@ from .registration import PEFT_TYPE_NAME
 CONFIG_NAME = "adapter_config.json"
 STAGING_PREFIX = ".tenslora-save-"  # a save being written, inside the target folder
 COMMITTED = ".committed"  # suffix of a staging folder whose files are complete and synced
+JOURNAL = ".tenslora-journal.json"  # inside a staging folder: proof that this module made it, and what it holds
+JOURNAL_FORMAT = "tenslora-save/1"
 MODEL_CARD = "README.md"  # PEFT updates an existing card rather than replacing it
 
 
@@ -47,15 +50,20 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike, **kwargs) -> Pa
     recover_interrupted_save(directory, discard_unfinished=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
     try:
+        _write_journal(staging, files=None)  # from here on the folder is provably ours, even if a kill follows
         if (directory / MODEL_CARD).is_file():
             shutil.copy2(directory / MODEL_CARD, staging / MODEL_CARD)
         model.save_pretrained(staging, safe_serialization=True, **kwargs)
+        written = sorted(str(path.relative_to(staging)) for path in staging.rglob("*")
+                         if path.is_file() and path.name != JOURNAL)
+        _write_journal(staging, files=written)
         _sync_tree(staging)
         committed = staging.with_name(staging.name + COMMITTED)
         os.replace(staging, committed)
         sync_to_disk(directory)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if _journal(staging) is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     _move_into_place(committed, directory)
     return directory
 
@@ -64,51 +72,51 @@ def recover_interrupted_save(directory: str | os.PathLike, discard_unfinished: b
     """Finish the saves into ``directory`` a kill interrupted after their commit; with ``discard_unfinished``
     (a writer, the only one in this folder) also remove those interrupted before it.
 
-    Also repairs what the earlier scheme of this module (a sibling staging folder ``.NAME.XXXXXXXX`` moved
-    over the target, the old target retired as ``.NAME.old.XXXXXXXX/NAME``) left after a kill: the files
-    of the retired copy the target lacks are moved back (the whole old adapter when the kill left no target,
-    and the other files, history or checkpoints, that scheme deleted), then both leftovers are removed.
+    Only staging folders whose journal this module wrote are touched, and of a committed one only the files its
+    journal lists: a folder that merely looks like ours (its name) is left as it is, whatever it holds.
     """
     directory = Path(directory)
-    if directory.is_dir():
-        for leftover in sorted(directory.glob(f"{STAGING_PREFIX}*")):
-            if leftover.name.endswith(COMMITTED):
-                _move_into_place(leftover, directory)
-            elif discard_unfinished:
-                shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        siblings = list(directory.parent.iterdir())
-    except OSError:  # a parent we may not list holds no leftovers of ours
+    if not directory.is_dir():
         return
-    name = re.escape(directory.name)
-    retired_copies = [path for path in siblings
-                      if re.fullmatch(rf"\.{name}\.old\.[a-z0-9_]{{8}}", path.name) and path.is_dir()]
-    for retired in sorted(retired_copies, key=lambda path: path.stat().st_mtime, reverse=True):
-        if (retired / directory.name).is_dir():
-            directory.mkdir(exist_ok=True)
-            for entry in sorted((retired / directory.name).iterdir()):
-                if not (directory / entry.name).exists():
-                    os.replace(entry, directory / entry.name)
-            sync_to_disk(directory)
-        shutil.rmtree(retired, ignore_errors=True)
-    if discard_unfinished:
-        for staging in siblings:
-            if re.fullmatch(rf"\.{name}\.[a-z0-9_]{{8}}", staging.name) and _holds_only_adapter_files(staging):
-                shutil.rmtree(staging, ignore_errors=True)
+    for leftover in sorted(directory.glob(f"{STAGING_PREFIX}*")):
+        journal = _journal(leftover)
+        if journal is None:
+            continue
+        if leftover.name.endswith(COMMITTED) and journal["files"] is not None:
+            _move_into_place(leftover, directory)
+        elif discard_unfinished:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _holds_only_adapter_files(folder: Path) -> bool:
-    """Whether ``folder`` could be that scheme's unfinished save: a folder with nothing but what
-    ``save_pretrained`` writes (a user's own folder of the same shape of name holds other things)."""
-    written_by_save = {CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, MODEL_CARD}
-    return folder.is_dir() and all(entry.name in written_by_save and entry.is_file() for entry in folder.iterdir())
+def _write_journal(staging: Path, files: list[str] | None) -> None:
+    """Record that ``staging`` is a save of this module and, once complete, which files it holds."""
+    (staging / JOURNAL).write_text(json.dumps({"format": JOURNAL_FORMAT, "files": files}))
+
+
+def _journal(folder: Path) -> dict | None:
+    """The journal of a staging folder this module wrote, or None for any other folder (or no folder)."""
+    try:
+        journal = json.loads((folder / JOURNAL).read_text())
+    except (OSError, ValueError):
+        return None
+    files = journal.get("files") if isinstance(journal, dict) else None
+    if not isinstance(journal, dict) or journal.get("format") != JOURNAL_FORMAT or not (
+            files is None or (isinstance(files, list) and all(_is_inside(name) for name in files))):
+        return None
+    return journal
+
+
+def _is_inside(name: object) -> bool:
+    """Whether a journal entry names a file below its folder (never an absolute path or a way out)."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def _move_into_place(committed: Path, directory: Path) -> None:
-    """Rename every file of a committed save over its counterpart in ``directory``; repeatable after a kill."""
+    """Rename every file a committed save's journal lists over its counterpart in ``directory``; repeatable
+    after a kill (a file moved already is skipped)."""
     folders = {directory}
-    for source in sorted(path for path in committed.rglob("*") if path.is_file()):
-        target = directory / source.relative_to(committed)
+    for name in _journal(committed)["files"]:
+        source, target = committed / name, directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):  # moved already, by a recovery running at the same time
             os.replace(source, target)
