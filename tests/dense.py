@@ -5,8 +5,9 @@ from __future__ import annotations
 import tensorly as tl
 import torch
 
-from tenslora.factorization import CPTensor, TuckerTensor
-from tenslora.tensor_train import TensorTrainTensor
+from tenslora.core.tensors.cp import CPTensor
+from tenslora.core.tensors.tt import TensorTrainTensor
+from tenslora.core.tensors.tucker import TuckerTensor
 
 tl.set_backend("pytorch")
 

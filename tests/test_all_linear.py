@@ -11,9 +11,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import tenslora
 from dense import dense_slice, dense_tensor
 from tenslora import TensLoraConfig
-from tenslora.cli import main
-from tenslora.construction import CONSTRUCTIONS, get_construction
-from tenslora.params import format_parameter_table
+from tenslora.app.cli import main
+from tenslora.app.params import format_parameter_table
+from tenslora.core.construction import CONSTRUCTIONS, get_construction
 from tiny import bert, distilbert, gpt2, inputs, llama
 
 tl.set_backend("pytorch")

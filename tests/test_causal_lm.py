@@ -17,15 +17,15 @@ from peft import PeftModel
 
 import tenslora
 import tiny_llm
-from tenslora.cli import main
+from tenslora.app.cli import main
+from tenslora.app.export import export_run, merge_run
+from tenslora.app.modeling import load_trained_model
+from tenslora.app.options import TrainOptions
+from tenslora.app.runs import read_run
+from tenslora.app.train import evaluate_run, prepare, run_training
 from tenslora.data import CausalLmCollator, DataError, tokenize_causal_lm
 from tenslora.data.causal_lm import IGNORE_INDEX
-from tenslora.export import export_run, merge_run
-from tenslora.modeling import load_trained_model
-from tenslora.options import TrainOptions
-from tenslora.quantized import dense_weight
-from tenslora.runs import read_run
-from tenslora.train import evaluate_run, prepare, run_training
+from tenslora.tuner.quantized import dense_weight
 
 FAST = dict(task="causal-lm", epochs=2, batch_size=8, lr=1e-2, max_length=32, bf16=False)
 
@@ -230,7 +230,7 @@ def test_missing_pieces_are_one_line_errors(tiny, tmp_path, capsys):
 def test_a_quantized_base_without_bitsandbytes_names_the_fix(tiny, tmp_path, capsys, monkeypatch, bits):
     """Without bitsandbytes, --load-in-4bit/8bit is refused with the install command before anything is loaded or
     written, and so is loading a quantized run again (eval, merge, export-lora build its base the same way)."""
-    monkeypatch.setattr(tenslora.quantized, "find_spec", lambda name: None)
+    monkeypatch.setattr(tenslora.tuner.quantized, "find_spec", lambda name: None)
     files = [f"--{key.replace('_', '-')}={value}" for key, value in _files(tiny, "text").items()]
     out = tmp_path / "run"
     assert main(["train", "--task=causal-lm", *files, f"--model={tiny / 'llama'}", f"--load-in-{bits}",
@@ -239,7 +239,7 @@ def test_a_quantized_base_without_bitsandbytes_names_the_fix(tiny, tmp_path, cap
     assert f"(--load-in-{bits}) needs bitsandbytes, which is not installed here: pip install bitsandbytes" in error
     assert len(error.strip().splitlines()) == 1 and not out.exists()
     with pytest.raises(ValueError, match="pip install bitsandbytes"):
-        tenslora.modeling.build_causal_lm(str(tiny / "llama"), bits)
+        tenslora.app.modeling.build_causal_lm(str(tiny / "llama"), bits)
 
 
 def test_a_bf16_checkpoint_is_dequantized_into_fp32(tiny, tmp_path):
@@ -248,8 +248,8 @@ def test_a_bf16_checkpoint_is_dequantized_into_fp32(tiny, tmp_path):
     pytest.importorskip("bitsandbytes")
     folder = tmp_path / "llama-bf16"
     transformers.AutoModelForCausalLM.from_pretrained(tiny / "llama64").to(torch.bfloat16).save_pretrained(folder)
-    dense = tenslora.modeling.dequantized_causal_lm(str(folder), "4bit")
-    quantized = tenslora.modeling.build_causal_lm(str(folder), "4bit", device="cpu")
+    dense = tenslora.app.modeling.dequantized_causal_lm(str(folder), "4bit")
+    quantized = tenslora.app.modeling.build_causal_lm(str(folder), "4bit", device="cpu")
     name = "model.layers.0.mlp.down_proj"
     assert dense.get_submodule(name).weight.dtype == torch.float32
     torch.testing.assert_close(dense.get_submodule(name).weight, dense_weight(quantized.get_submodule(name)),

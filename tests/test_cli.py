@@ -15,10 +15,10 @@ import transformers
 from safetensors.torch import load_file
 
 import tenslora
-from tenslora.cli import format_training_report, main
-from tenslora.modeling import load_trained_model
-from tenslora.options import TrainOptions
-from tenslora.runs import read_run
+from tenslora.app.cli import format_training_report, main
+from tenslora.app.modeling import load_trained_model
+from tenslora.app.options import TrainOptions
+from tenslora.app.runs import read_run
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
 from test_validation import custom_code_model
 from tiny_tasks import write_text_files
@@ -253,7 +253,7 @@ def test_a_run_folder_cannot_grant_itself_trust_remote_code(tmp_path, capsys, mo
         calls.append(kwargs.get("trust_remote_code"))
         raise ValueError("stopped after the tokenizer")
 
-    monkeypatch.setattr(tenslora.modeling.AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr(tenslora.app.modeling.AutoTokenizer, "from_pretrained", tokenizer)
     assert main([*arguments, "--trust-remote-code"]) == 2
     assert calls == [True] and "stopped after the tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

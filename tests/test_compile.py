@@ -13,9 +13,10 @@ from torch import nn
 from torch._functorch.aot_autograd import aot_module_simplified
 
 from tenslora import CONSTRUCTIONS, TensLoraConfig
-from tenslora.construction import Geometry
-from tenslora.factorization import CPTensor, TuckerTensor
-from tenslora.reuse import PassCache
+from tenslora.core.construction import Geometry
+from tenslora.core.reuse import PassCache
+from tenslora.core.tensors.cp import CPTensor
+from tenslora.core.tensors.tucker import TuckerTensor
 from tiny import bert, inputs, llama
 
 CONFIGS = {  # model, adapter: separate q/k/v with o; grouped-query attention, CP, the head split

@@ -13,11 +13,11 @@ from tensorly.decomposition import tensor_train, tucker
 
 import tenslora
 from tenslora import TensLoraConfig, compress_adapter, from_lora
-from tenslora.budget import count_adapter_parameters
-from tenslora.cli import main
-from tenslora.compression import energy_rank, fit, truncate_tt, truncate_tucker, tt_to_dense, tucker_to_dense
-from tenslora.factorization import TuckerTensor
-from tenslora.refit import delta_weights, relative_error
+from tenslora.app.cli import main
+from tenslora.core.budget import count_adapter_parameters
+from tenslora.core.tensors.tucker import TuckerTensor
+from tenslora.core.truncation import energy_rank, fit, truncate_tt, truncate_tucker, tt_to_dense, tucker_to_dense
+from tenslora.transfer.refit import delta_weights, relative_error
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert, gpt2, inputs, llama
 

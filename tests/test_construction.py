@@ -5,8 +5,8 @@ import warnings
 import pytest
 
 from tenslora import TensLoraConfig
-from tenslora.budget import count_adapter_parameters, lora_parameter_count, match_budget
-from tenslora.construction import CONSTRUCTIONS, TENSOR_CONSTRUCTIONS, Geometry, resolve_tucker_ranks
+from tenslora.core.budget import count_adapter_parameters, lora_parameter_count, match_budget
+from tenslora.core.construction import CONSTRUCTIONS, TENSOR_CONSTRUCTIONS, Geometry, resolve_tucker_ranks
 
 BERT_BASE = Geometry(hidden_size=768, attention_width=768, num_layers=12, roles=("q", "k", "v"), num_heads=12)
 

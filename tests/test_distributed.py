@@ -37,9 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import tiny
 from tenslora import TensLoraConfig
-from tenslora.distributed import fully_shard_model
-from tenslora.options import TrainOptions
-from tenslora.train import run_training
+from tenslora.app.options import TrainOptions
+from tenslora.app.train import run_training
+from tenslora.tuner.distributed import fully_shard_model
 from tiny_tasks import save_text_model, write_pair_task
 
 WORLD = 2

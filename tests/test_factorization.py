@@ -7,8 +7,9 @@ import tensorly as tl
 import torch
 
 from dense import dense_slice
-from tenslora.construction import CONSTRUCTIONS, Geometry
-from tenslora.factorization import CPTensor, TuckerTensor
+from tenslora.core.construction import CONSTRUCTIONS, Geometry
+from tenslora.core.tensors.cp import CPTensor
+from tenslora.core.tensors.tucker import TuckerTensor
 
 tl.set_backend("pytorch")
 

@@ -8,9 +8,10 @@ from peft import get_peft_model
 import tenslora
 from dense import dense_slice, dense_tensor
 from tenslora import TensLoraConfig
-from tenslora.budget import count_adapter_parameters, lora_parameter_count, match_budget
-from tenslora.construction import FUSED_CONSTRUCTIONS, Geometry, get_construction, slice_index
-from tenslora.factorization import CPTensor, TuckerTensor
+from tenslora.core.budget import count_adapter_parameters, lora_parameter_count, match_budget
+from tenslora.core.construction import FUSED_CONSTRUCTIONS, Geometry, get_construction, slice_index
+from tenslora.core.tensors.cp import CPTensor
+from tenslora.core.tensors.tucker import TuckerTensor
 from test_all_linear import check_dense_updates
 from test_tensor_train import BERT_BASE, GEOMETRY, indices
 from tiny import bert, gpt2

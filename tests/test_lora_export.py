@@ -14,10 +14,11 @@ from peft import PeftModel, get_peft_model
 
 import tenslora
 from tenslora import TensLoraConfig, TensLoraLayer
-from tenslora.cli import main
-from tenslora.modeling import build_classifier, load_trained_model
-from tenslora.runs import new_folder, read_run
-from tenslora.train import evaluate_run
+from tenslora.app.cli import main
+from tenslora.app.modeling import build_classifier, load_trained_model
+from tenslora.app.runs import read_run
+from tenslora.app.train import evaluate_run
+from tenslora.files import new_folder
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert, gpt2, inputs, llama
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import tiny
 from tenslora import TensLoraConfig, TensLoraLayer
-from tenslora.quantized import dense_weight
+from tenslora.tuner.quantized import dense_weight
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -19,11 +19,13 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 
 import tenslora
-from tenslora import TensLoraConfig, train
-from tenslora.cli import main
-from tenslora.options import TrainOptions
-from tenslora.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, new_folder, run_lock, write_json
-from tenslora.train import TrainingDiverged, evaluate_run, run_training
+from tenslora import TensLoraConfig
+from tenslora.app import train
+from tenslora.app.cli import main
+from tenslora.app.options import TrainOptions
+from tenslora.app.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock
+from tenslora.app.train import TrainingDiverged, evaluate_run, run_training
+from tenslora.files import new_folder, write_json
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert
 from tiny_tasks import write_text_files
@@ -247,7 +249,7 @@ def test_a_run_file_is_on_disk_before_it_replaces_the_old_one(tmp_path, monkeypa
     """The new content is flushed before the rename, the folder's entry after it: a power loss leaves the old file
     or the new one, never an empty one."""
     synced = []
-    monkeypatch.setattr(tenslora.runs, "sync_to_disk",
+    monkeypatch.setattr(tenslora.files, "sync_to_disk",
                         lambda path: synced.append((path.name, path.read_text() if path.is_file() else None,
                                                     (tmp_path / "run.json").exists())))
     write_json(tmp_path / "run.json", {"options": {}})

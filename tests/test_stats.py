@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tenslora.stats import Estimate, format_estimate, paired_difference, t_interval
+from tenslora.app.sweep.stats import Estimate, format_estimate, paired_difference, t_interval
 
 T_975_2 = 4.302652729911275  # Student's t, 97.5 % quantile, 2 degrees of freedom (tables)
 

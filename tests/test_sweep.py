@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 
-import tenslora.sweep
-from tenslora.cli import main
-from tenslora.options import TrainOptions
-from tenslora.runs import LOCK_FILE, atomic_destination, check_not_busy
-from tenslora.sweep import plan, points, run_sweep
-from tenslora.train import TrainingDiverged
+import tenslora.app.sweep.run
+from tenslora.app.cli import main
+from tenslora.app.options import TrainOptions
+from tenslora.app.runs import LOCK_FILE, check_not_busy
+from tenslora.app.sweep.run import plan, points, run_sweep
+from tenslora.app.train import TrainingDiverged
+from tenslora.files import atomic_destination
 from test_cli import FLAGS, _error_line
 from test_run_safety import _hold_lock_in_another_process
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
@@ -259,7 +260,7 @@ def _stand_in(scores):
 
 def _fake_sweep(tiny, tmp_path, monkeypatch, scores, *extra):  # noqa: F811
     run_training, calls = _stand_in(scores)
-    monkeypatch.setattr(tenslora.sweep, "run_training", run_training)
+    monkeypatch.setattr(tenslora.app.sweep.run, "run_training", run_training)
     out = tmp_path / "sweep"
     assert _sweep(tiny, out, "--lora-rank", "2", "--conditions", "isoparameter", *extra) == 0
     return out, calls
@@ -434,7 +435,7 @@ def test_the_smallest_adapter_within_one_point_of_lora_at_its_largest_rank(score
         return 0.7, score_at_100 if options.budget == "100" else 0.7
 
     run_training, _ = _stand_in(scores)
-    monkeypatch.setattr(tenslora.sweep, "run_training", run_training)
+    monkeypatch.setattr(tenslora.app.sweep.run, "run_training", run_training)
     out = tmp_path / "sweep"
     assert _sweep(tiny, out, "--lora-ranks", "1,2", "--budgets", "100", "--conditions", "isoparameter",
                   "--lr", "0.01", "--seeds", "0") == 0

@@ -13,10 +13,10 @@ from peft import PeftModel, get_peft_model
 import tenslora
 from dense import dense_slice, dense_tensor
 from tenslora import TensLoraConfig
-from tenslora.budget import count_adapter_parameters, lora_parameter_count, match_budget
-from tenslora.construction import CONSTRUCTIONS, FUSED_CONSTRUCTIONS, Geometry, get_construction, resolve_tt_ranks
-from tenslora.params import format_parameter_table
-from tenslora.tensor_train import TensorTrainTensor
+from tenslora.app.params import format_parameter_table
+from tenslora.core.budget import count_adapter_parameters, lora_parameter_count, match_budget
+from tenslora.core.construction import CONSTRUCTIONS, FUSED_CONSTRUCTIONS, Geometry, get_construction, resolve_tt_ranks
+from tenslora.core.tensors.tt import TensorTrainTensor
 from test_all_linear import BUILD, adapter_numel, check_dense_updates, outputs
 from tiny import bert, inputs, llama
 

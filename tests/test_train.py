@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 
 import tenslora
-from tenslora.modeling import checkpoint_pooling
-from tenslora.options import TrainOptions, adapter_config
-from tenslora.pooling import MeanPoolingForSequenceClassification
-from tenslora.train import evaluate_run, prepare, run_training
+from tenslora.app.modeling import checkpoint_pooling
+from tenslora.app.options import TrainOptions, adapter_config
+from tenslora.app.pooling import MeanPoolingForSequenceClassification
+from tenslora.app.train import evaluate_run, prepare, run_training
 from tiny_tasks import save_image_model, save_text_model, write_image_folder, write_pair_task, write_text_files
 
 FAST = dict(epochs=2, batch_size=8, lr=1e-2, max_length=32, bf16=False)

@@ -20,13 +20,13 @@ import pytest
 from pydantic import ValidationError
 
 import tenslora
-import tenslora.cli
-import tenslora.modeling
-import tenslora.sweep
-import tenslora.train
+import tenslora.app.cli
+import tenslora.app.modeling
+import tenslora.app.sweep.run
+import tenslora.app.train
 import tiny
-from tenslora.cli import build_parser, main
-from tenslora.options import (
+from tenslora.app.cli import build_parser, main
+from tenslora.app.options import (
     PATH_OPTIONS,
     TrainOptions,
     adapter_config,
@@ -51,9 +51,9 @@ def _refuse_loading(*args, **kwargs):
 
 @pytest.fixture(autouse=True)
 def nothing_loads(monkeypatch):
-    for module, name in ((tenslora.cli, "run_training"), (tenslora.sweep, "run_training"),
-                         (tenslora.train, "load_trained_model"), (tenslora.cli, "load_model_config"),
-                         (tenslora.cli, "merge_run")):
+    for module, name in ((tenslora.app.cli, "run_training"), (tenslora.app.sweep.run, "run_training"),
+                         (tenslora.app.train, "load_trained_model"), (tenslora.app.cli, "load_model_config"),
+                         (tenslora.app.cli, "merge_run")):
         monkeypatch.setattr(module, name, _refuse_loading, raising=False)
 
 
@@ -195,7 +195,7 @@ def test_every_config_key_refuses_wrong_types_and_out_of_range_values(name, valu
 def test_config_values_are_coerced_like_flags_and_python(tmp_path, monkeypatch):
     """Quoted booleans, numbers YAML reads as strings: the same options from all three."""
     seen = []
-    monkeypatch.setattr(tenslora.cli, "run_training", lambda options: seen.append(options) or 1 / 0)
+    monkeypatch.setattr(tenslora.app.cli, "run_training", lambda options: seen.append(options) or 1 / 0)
     config = tmp_path / "options.yaml"
     config.write_text('bf16: "false"\nresume: "no"\nhead_only: "0"\nlr: 1e-3\nmax_steps: "2"\ndropout: "0.1"\n'
                       'ranks: {in: "4", out: 4, qkv: full, depth: 2}\nroles: q,v\nbudget_free: 1\n')
@@ -234,7 +234,7 @@ def test_config_values_are_coerced_like_flags_and_python(tmp_path, monkeypatch):
 def test_python_options_name_the_option_and_the_limit(options, words):
     with pytest.raises(ValidationError) as caught:
         TrainOptions(**options)
-    message = tenslora.cli.user_error_message(caught.value)
+    message = tenslora.app.cli.user_error_message(caught.value)
     assert "\n" not in message and all(word in message for word in words), message
 
 
@@ -283,7 +283,7 @@ def custom_code_model(folder: Path) -> Path:
 def test_model_code_is_never_run_without_trust_remote_code(tmp_path, capsys, monkeypatch):
     model = custom_code_model(tmp_path / "model")
     data = write_text_files(tmp_path / "data", labels=("a", "b"))
-    monkeypatch.setattr(tenslora.cli, "run_training", tenslora.train.run_training)
+    monkeypatch.setattr(tenslora.app.cli, "run_training", tenslora.app.train.run_training)
     monkeypatch.setattr("sys.stdin", None)  # a prompt would fail loudly
     code = main(["train", "--train-file", str(data["train"]), "--text-column", "review", "--label-column", "stars",
                  "--model", str(model), "--output-dir", str(tmp_path / "out")])
@@ -298,7 +298,7 @@ def test_model_code_is_never_run_without_trust_remote_code(tmp_path, capsys, mon
         calls.append(kwargs.get("trust_remote_code"))
         raise ValueError("stopped after the tokenizer")
 
-    monkeypatch.setattr(tenslora.modeling.AutoTokenizer, "from_pretrained", tokenizer)
+    monkeypatch.setattr(tenslora.app.modeling.AutoTokenizer, "from_pretrained", tokenizer)
     assert main(["train", "--train-file", str(data["train"]), "--text-column", "review", "--label-column", "stars",
                  "--model", str(model), "--output-dir", str(tmp_path / "out"), "--trust-remote-code"]) == 2
     assert calls == [True] and "stopped after the tokenizer" in capsys.readouterr().err
@@ -312,9 +312,9 @@ def test_trust_remote_code_reaches_the_loaders(tmp_path, monkeypatch):
         calls.append(kwargs.get("trust_remote_code"))
         return argparse.Namespace()
 
-    monkeypatch.setattr(tenslora.modeling.AutoConfig, "from_pretrained", record)
-    tenslora.modeling.load_model_config(str(model), trust_remote_code=True)
-    tenslora.modeling.load_model_config(str(tmp_path))  # a folder without custom code: explicitly False
+    monkeypatch.setattr(tenslora.app.modeling.AutoConfig, "from_pretrained", record)
+    tenslora.app.modeling.load_model_config(str(model), trust_remote_code=True)
+    tenslora.app.modeling.load_model_config(str(tmp_path))  # a folder without custom code: explicitly False
     assert calls == [True, False] and not (model / "RAN").exists()
 
 
@@ -329,7 +329,7 @@ def test_file_system_errors_are_one_line_naming_the_path(error, words, monkeypat
     def fail(options):
         raise error
 
-    monkeypatch.setattr(tenslora.cli, "run_training", fail)
+    monkeypatch.setattr(tenslora.app.cli, "run_training", fail)
     line = _assert_one_line_error(capsys, main(["train"]))
     assert all(word in line for word in words), line
 
@@ -338,10 +338,10 @@ def test_bugs_keep_their_traceback(monkeypatch):
     def bug(options):
         raise TypeError("unsupported operand")
 
-    monkeypatch.setattr(tenslora.cli, "run_training", bug)
+    monkeypatch.setattr(tenslora.app.cli, "run_training", bug)
     with pytest.raises(TypeError):
         main(["train"])
-    monkeypatch.setattr(tenslora.cli, "run_training", lambda options: (_ for _ in ()).throw(ConnectionError("x")))
+    monkeypatch.setattr(tenslora.app.cli, "run_training", lambda options: (_ for _ in ()).throw(ConnectionError("x")))
     with pytest.raises(ConnectionError):  # an OSError, but not a file's: not the user's to fix here
         main(["train"])
 

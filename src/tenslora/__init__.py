@@ -1,17 +1,20 @@
 """TensLoRA: tensor low-rank adapters (Tucker / CP over heads, projections and depth) as a PEFT method."""
 
 from . import third_party_logs  # noqa: F401  (first: before PEFT imports bitsandbytes)
-from .api import count_parameters, lora_parameter_count, match_budget, model_geometry, resolved_ranks
-from .config import TensLoraConfig
-from .construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
-from .layer import TensLoraLayer
-from .lora_export import export_lora
-from .model import TensLoraModel
-from .persistence import load_adapter, save_adapter
-from .refit import RefitReport, compress_adapter, from_lora
-from .registration import register
+from ._moved import install as _keep_old_module_paths
+from ._moved import old_module as __getattr__  # noqa: F401  (tenslora.train... of 0.1)
+from .core.construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
+from .transfer.lora_export import export_lora
+from .transfer.refit import RefitReport, compress_adapter, from_lora
+from .tuner.budgets import count_parameters, lora_parameter_count, match_budget, model_geometry, resolved_ranks
+from .tuner.config import TensLoraConfig
+from .tuner.layer import TensLoraLayer
+from .tuner.model import TensLoraModel
+from .tuner.persistence import load_adapter, save_adapter
+from .tuner.registration import register
 
 register()
+_keep_old_module_paths()
 
 __all__ = [
     "CONSTRUCTIONS",

