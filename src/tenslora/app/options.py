@@ -54,6 +54,14 @@ Ranks = Union[ModeRanks, dict[str, ModeRanks]]
 PATH_OPTIONS = ("data_dir", "train_file", "validation_file", "test_file", "image_root", "model")
 #: The default run (no task and no data files given) trains on a subset of WordNet, to finish in minutes.
 DEFAULT_RUN_SAMPLES = {"max_train_samples": 6000, "max_eval_samples": 2000}
+#: The built-in causal-LM run (SmolLM2-135M-Instruct on WordNet chat): a few minutes on 2 cores.
+DEFAULT_CAUSAL_LM_SAMPLES = {"max_train_samples": 480, "max_eval_samples": 200}
+#: Defaults that depend on what is trained: a classifier from a small encoder, or a causal LM (all-linear, as
+#: QLoRA and PEFT users adapt LLMs; a smaller batch of longer sequences). See docs/benchmarks.md and docs/llm.md.
+DEFAULTS_BY_KIND: dict[str, dict[str, Any]] = {
+    "classification": {"lr": 1e-2, "epochs": 2.0, "batch_size": 32, "roles": ["q", "k", "v"]},
+    "causal-lm": {"lr": 5e-3, "epochs": 1.0, "batch_size": 8, "roles": ["all-linear"]},
+}
 #: The options that shape the adapter: meaningless (so refused) with ``head_only``.
 ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "scaling", "dropout", "roles", "role_patterns",
                    "layout")
@@ -100,21 +108,24 @@ class TrainOptions:
     budget: Optional[Text] = None  # "lora:8" (LoRA rank 8's parameter count) or a number of parameters
     scaling: Number = 1.0
     dropout: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
-    roles: list[Text] = Field(default_factory=lambda: ["q", "k", "v"])
+    roles: Optional[list[Text]] = None  # default: q, k, v (classification); all-linear (causal-lm)
     role_patterns: Optional[dict[Text, Text]] = None  # for models TensLoRA does not know (config file only)
     layout: Literal["roles", "blocks"] = "roles"  # blocks: FacT's d x d blocks of every projection in one tensor
     head_only: bool = False  # the baseline: train the classification head only, no adapter
     # The optimization
-    lr: Annotated[Number, Field(gt=0.0)] = 1e-2  # for short runs: a zero-core Tucker adapter needs a large step
-    epochs: Annotated[Number, Field(gt=0.0)] = 2.0
+    # Defaults by kind of run (DEFAULTS_BY_KIND): a zero-core Tucker adapter needs a large step on short runs.
+    lr: Optional[Annotated[Number, Field(gt=0.0)]] = None
+    epochs: Optional[Annotated[Number, Field(gt=0.0)]] = None
     max_steps: Optional[Positive] = None
-    batch_size: Positive = 32
+    batch_size: Optional[Positive] = None
     gradient_accumulation: Positive = 1
     warmup_ratio: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
     weight_decay: Annotated[Number, Field(ge=0.0)] = 0.0
     seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] = 0
     bf16: Optional[bool] = None  # autocast in bfloat16; default: where the hardware computes it natively
     threads: Optional[Positive] = None  # torch CPU threads; default 1 (fastest when cores are shared)
+    eval_steps: Optional[Positive] = None  # evaluate every N steps (default: every epoch)
+    save_steps: Optional[Positive] = None  # checkpoint every N steps (default: every epoch)
     # Where
     output_dir: Optional[Text] = None
     resume: bool = False
@@ -171,6 +182,12 @@ class TrainOptions:
         self._check_quantization()
         if self.task == CAUSAL_LM_TASK:
             self._check_causal_lm()
+        for name, value in DEFAULTS_BY_KIND[self.kind].items():
+            if getattr(self, name) is None:
+                setattr(self, name, list(value) if isinstance(value, list) else value)
+        if self.task == CAUSAL_LM_TASK and not self.train_file:  # the built-in LLM run: a few minutes on 2 cores
+            for name, value in DEFAULT_CAUSAL_LM_SAMPLES.items():
+                setattr(self, name, getattr(self, name) or value)
         if not (self.task or self.train_file or self.image_root):  # the default run: a few minutes on 2 cores
             self.task = DEFAULT_TASK
             self.max_train_samples = self.max_train_samples or DEFAULT_RUN_SAMPLES["max_train_samples"]
@@ -199,17 +216,15 @@ class TrainOptions:
             check_bitsandbytes_installed(self.quantization)
 
     def _check_causal_lm(self) -> None:
-        """A causal-LM run learns the user's own texts with the user's own causal LM (no default fits it)."""
+        """A causal-LM run has no classes and no head (its data: --train-file, else the built-in WordNet chat)."""
         given = [f"--{name.replace('_', '-')}" for name in CLASSIFICATION_OPTIONS if getattr(self, name)]
         if given:
-            raise ValueError(f"--task {CAUSAL_LM_TASK} has no classes, no head and no built-in data: drop "
-                             f"{', '.join(given)}.")
-        if not self.train_file:
-            raise ValueError(f"--task {CAUSAL_LM_TASK} learns your texts: give --train-file (JSON lines, CSV... with a "
-                             "text column, or prompt and completion columns).")
-        if not self.model:
-            raise ValueError(f"--task {CAUSAL_LM_TASK} needs --model: a causal language model (a local folder or a "
-                             "hub id, e.g. a LLaMA-family checkpoint).")
+            raise ValueError(f"--task {CAUSAL_LM_TASK} has no classes and no head: drop {', '.join(given)}.")
+
+    @property
+    def kind(self) -> str:
+        """``causal-lm`` or ``classification``: what the run trains, which sets its defaults."""
+        return "causal-lm" if self.task == CAUSAL_LM_TASK else "classification"
 
     def _check_adapter(self) -> None:
         """Construction, ranks, roles... checked by ``TensLoraConfig`` itself (no model needed); its message is
@@ -246,7 +261,7 @@ class TrainOptions:
         their identity.
         """
         data = dataclasses.asdict(self)
-        for key in ("output_dir", "resume", "threads"):
+        for key in ("output_dir", "resume", "threads", "eval_steps", "save_steps"):
             data.pop(key)
         for key in RECORDED_WHEN_SET:
             if data[key] == default_value(key):

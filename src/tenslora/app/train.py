@@ -29,9 +29,11 @@ from transformers import (
 )
 
 from ..data import CAUSAL_LM_TASK, CausalLmCollator
+from ..data.causal_lm import is_paired
 from ..files import write_json
 from ..tuner.budgets import count_parameters, resolved_ranks
 from . import inputs
+from .generation import exact_match
 from .modeling import (
     build_causal_lm,
     build_classifier,
@@ -183,8 +185,10 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         warmup_steps=options.warmup_ratio,
         num_train_epochs=options.epochs,
         max_steps=options.max_steps or -1,
-        eval_strategy="epoch",
-        save_strategy="epoch",
+        eval_strategy="steps" if options.eval_steps else "epoch",
+        eval_steps=options.eval_steps,
+        save_strategy="steps" if options.save_steps else "epoch",
+        save_steps=options.save_steps,
         save_total_limit=2,
         logging_strategy="steps",
         logging_steps=0.1,
@@ -322,13 +326,18 @@ def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArgumen
     if not history or history[-1]["step"] != trainer.state.global_step:  # max_steps stopped mid-epoch
         trainer.evaluate()
         history = history_rows(trainer.state.log_history)
-    test = trainer.evaluate(prepared.data.splits["test"], metric_key_prefix="test")
+    test = _strip(trainer.evaluate(prepared.data.splits["test"], metric_key_prefix="test"), "test_")
+    validation = _strip(history[-1], "eval_")
+    generated = generation_scores(prepared) if _scores_generation(prepared) else {}
+    for split, scores in (("test", test), ("validation", validation)):
+        if split in generated:
+            scores["exact_match"] = generated[split]
     trainer.save_model(output_dir)
     metrics = {
         "task": options.task_name,
         "method": options.method,
-        "test": _strip(test, "test_"),
-        "validation": _strip(history[-1], "eval_"),
+        "test": test,
+        "validation": validation,
         "trainable_parameters": prepared.run["trainable_parameters"],
         "adapter_parameters": prepared.run.get("adapter_parameters", 0),
         "adapter": prepared.run.get("adapter"),
@@ -344,9 +353,27 @@ def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArgumen
         "output_dir": output_dir,
         "options": options.identity(),
     }
+    if "base_test" in generated:
+        metrics["base_test_exact_match"] = generated["base_test"]
     if trainer.is_world_process_zero():
         write_json(os.path.join(output_dir, METRICS_FILE), metrics)
     return metrics
+
+
+def _scores_generation(prepared: Prepared) -> bool:
+    """A causal LM trained on prompts and completions (or conversations) is scored on what it generates too."""
+    texts = prepared.data.texts
+    return texts is not None and is_paired(texts["train"])
+
+
+def generation_scores(prepared: Prepared) -> dict[str, float]:
+    """Exact match of greedy answers on the validation and test splits, and the base model's on the test split
+    (the adapter switched off: the zero-shot score the fine-tune is measured against)."""
+    model, texts, tokenizer = prepared.model, prepared.data.texts, prepared.preprocessor
+    scores = {split: exact_match(model, tokenizer, texts[split], split) for split in ("validation", "test")}
+    with model.disable_adapter():
+        scores["base_test"] = exact_match(model, tokenizer, texts["test"], "test")
+    return scores
 
 
 def evaluate_run(run_dir: str, split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:

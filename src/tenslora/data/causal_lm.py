@@ -1,10 +1,11 @@
 """Causal language modelling data: the user's texts, or prompt/completion pairs, as token ids and labels.
 
-A file holds either a text column (``text``, or the one ``--text-column`` names: every token is learnt)
-or ``prompt`` and ``completion`` columns (the loss is on the completion alone). Labels are the input ids
-with ``IGNORE_INDEX`` where nothing is learnt (the prompt, and the padding the collator adds): the
-models' own loss skips them. Missing validation and test files are carved from the training file, as
-for classification (``complete_splits``).
+A file holds either a text column (``text``, or the one ``--text-column`` names: every token is
+learnt), ``prompt`` and ``completion`` columns, or a ``messages`` column of conversations (``chat.py``;
+the loss is then on the completion, or the last assistant turn, alone). Without files, the built-in
+data is WordNet supersense as chat. Labels are the input ids with ``IGNORE_INDEX`` where nothing is
+learnt (the prompt, and the padding the collator adds): the models' own loss skips them. Missing
+validation and test files are carved from the training file, as for classification (``complete_splits``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from datasets import DatasetDict
 from torch.nn.utils.rnn import pad_sequence
 
+from .chat import MESSAGES, render_conversations, wordnet_chat_splits
 from .errors import DataError
 from .schema import check_columns, check_not_empty
 from .sources import load_file
@@ -28,9 +30,12 @@ IGNORE_INDEX = -100  # the label the models' cross-entropy skips
 TEXT, PROMPT, COMPLETION = "text", "prompt", "completion"
 
 
-def causal_lm_task(train_file: str, validation_file: str | None = None, test_file: str | None = None,
+def causal_lm_task(train_file: str | None = None, validation_file: str | None = None, test_file: str | None = None,
                    text_column: str | None = None) -> TaskSpec:
-    """Causal-LM data from files; ``text_column`` picks a text column even where prompt/completion columns exist."""
+    """Causal-LM data from files; ``text_column`` picks a text column even where prompt/completion columns exist.
+    Without a ``train_file``: the built-in WordNet supersense conversations (offline)."""
+    if train_file is None:
+        return TaskSpec(name=CAUSAL_LM_TASK, modality=CAUSAL_LM_TASK, load=wordnet_chat_splits, metrics=())
     files = {split: (path, option) for split, path, option in (("train", train_file, "--train-file"),
                                                                 ("validation", validation_file, "--validation-file"),
                                                                 ("test", test_file, "--test-file")) if path}
@@ -67,22 +72,39 @@ def _columns(available: Sequence[str], text_column: str | None, source: str) -> 
         return [text_column]
     if PROMPT in available and COMPLETION in available:
         return [PROMPT, COMPLETION]
+    if MESSAGES in available:
+        return [MESSAGES]
     if TEXT in available:
         return [TEXT]
-    raise DataError(f"the train split ({source}) has neither a 'text' column nor 'prompt' and 'completion' columns "
-                    f"(it has: {', '.join(available)}); rename your columns or name the text one with --text-column")
+    raise DataError(f"the train split ({source}) has no 'text' column, no 'prompt' and 'completion' columns and no "
+                    f"'messages' column (it has: {', '.join(available)}); rename your columns or name the text one "
+                    "with --text-column")
+
+
+def is_paired(dataset: Any) -> bool:
+    """Whether rows hold a prompt and its completion (or a conversation), which generation can be scored on."""
+    return PROMPT in dataset.column_names or MESSAGES in dataset.column_names
+
+
+def prompts_and_completions(batch: dict[str, list], tokenizer: Any, split: str) -> tuple[list[str], list[str], bool]:
+    """The prompt and completion texts of a batch of paired rows, and whether a prompt still needs the tokenizer's
+    special tokens (a plain prompt does; a chat prompt already holds what its template puts there)."""
+    if MESSAGES in batch:
+        return (*render_conversations(batch[MESSAGES], tokenizer, split), False)
+    return batch[PROMPT], batch[COMPLETION], True
 
 
 def tokenize_causal_lm(data: DatasetDict, tokenizer: Any, max_length: int) -> DatasetDict:
     """``input_ids`` and ``labels`` of each row, truncated to ``max_length`` tokens, the tokenizer's end-of-text
     token appended (so that the model learns where a text or a completion ends).
 
-    A prompt is tokenized with the tokenizer's special tokens (a LLaMA tokenizer's ``<s>``), its completion
-    without, and the prompt's labels are ``IGNORE_INDEX``: the loss is on the completion only. A row left
-    with nothing to learn (a prompt that fills ``max_length``) is an error, not a silent skip.
+    A prompt is tokenized with the tokenizer's special tokens (a LLaMA tokenizer's ``<s>``; a conversation's, by
+    its chat template), its completion without, and the prompt's labels are ``IGNORE_INDEX``: the loss is on the
+    completion only. A row left with nothing to learn (a prompt that fills ``max_length``) is an error, not a
+    silent skip.
     """
-    paired = PROMPT in data["train"].column_names
-    columns = [PROMPT, COMPLETION] if paired else [TEXT]
+    paired = is_paired(data["train"])
+    columns = [column for column in (PROMPT, COMPLETION, TEXT) if column in data["train"].column_names]
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict[str, list], split: str) -> dict[str, list]:
@@ -91,8 +113,9 @@ def tokenize_causal_lm(data: DatasetDict, tokenizer: Any, max_length: int) -> Da
                 raise DataError(f"the {split} split has rows with an empty or non-text {column!r} column; fill in "
                                 "or drop them")
         if paired:
-            prompts = tokenizer(batch[PROMPT])["input_ids"]
-            completions = tokenizer(batch[COMPLETION], add_special_tokens=False)["input_ids"]
+            prompt_texts, completion_texts, special_tokens = prompts_and_completions(batch, tokenizer, split)
+            prompts = tokenizer(prompt_texts, add_special_tokens=special_tokens)["input_ids"]
+            completions = tokenizer(completion_texts, add_special_tokens=False)["input_ids"]
         else:
             prompts = [[] for _ in batch[TEXT]]
             completions = tokenizer(batch[TEXT])["input_ids"]
