@@ -11,6 +11,7 @@ from .tuner.config import TensLoraConfig
 from .tuner.layer import TensLoraLayer
 from .tuner.model import TensLoraModel
 from .tuner.persistence import load_adapter, save_adapter
+from .tuner.quantized import RequantizationReport, requantizing_merge
 from .tuner.registration import register
 
 register()
@@ -20,6 +21,7 @@ __all__ = [
     "CONSTRUCTIONS",
     "PRESETS",
     "RefitReport",
+    "RequantizationReport",
     "TENSOR_CONSTRUCTIONS",
     "TensLoraConfig",
     "TensLoraLayer",
@@ -32,6 +34,7 @@ __all__ = [
     "lora_parameter_count",
     "match_budget",
     "model_geometry",
+    "requantizing_merge",
     "resolved_ranks",
     "save_adapter",
 ]

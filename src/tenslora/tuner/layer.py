@@ -136,20 +136,21 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         delta = lora_b @ lora_a
         return delta.T if self.is_conv1d else delta
 
-    #: The quantized base weight as it was before the first merge, so that unmerging gives it back exactly (a
-    #: tuple, so that nn.Module does not register it as a parameter of the layer: it is not trained or saved).
-    _quantized_original: tuple[nn.Parameter, ...] = ()
+    #: The quantized base layer (or, for a requantizing merge, its weight) as it was before the first merge, so that
+    #: unmerging gives it back exactly (a tuple, so that nn.Module does not register it: it is not trained or saved).
+    _quantized_original: tuple[nn.Module | nn.Parameter, ...] = ()
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add the updates into the base weight, through fp32 whatever the weight's dtype or quantization.
+        """Add the updates into the base weight, through fp32 whatever the weight's dtype or quantization (a
+        bitsandbytes base layer is replaced by a dense one: see quantized.py).
 
         ``safe_merge`` checks the merged weight before it replaces the base weight and raises a
         ValueError if it holds NaN or inf, as PEFT's methods do.
         """
-        base = self.get_base_layer()
         for adapter_name in check_adapters_to_merge(self, adapter_names):
             if adapter_name not in self._banks:
                 continue
+            base = self.get_base_layer()
             with torch.no_grad():
                 weight = dense_weight(base)
                 merged = weight + self.get_delta_weight(adapter_name).to(weight.device)
@@ -161,14 +162,14 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
                 if not self.merged:
                     original = keep_original(base)
                     self._quantized_original = () if original is None else (original,)
-                store_weight(base, merged)
+                self.base_layer = store_weight(base, merged)
             self.merged_adapters.append(adapter_name)
 
     def unmerge(self) -> None:
         """Take every merged update out of the base weight again.
 
-        A quantized base gets its original quantized weight back, bit for bit (subtracting the update
-        from a requantized weight would round twice); a plain weight gets the updates subtracted.
+        A quantized base gets its original quantized layer back, bit for bit (subtracting the update
+        from a rounded weight would round twice); a plain weight gets the updates subtracted.
         """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
@@ -176,13 +177,13 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         with torch.no_grad():
             if self._quantized_original:
-                restore_original(base, self._quantized_original[0])
+                self.base_layer = base = restore_original(base, self._quantized_original[0])
                 self._quantized_original = ()
                 self.merged_adapters.clear()
             while self.merged_adapters:
                 adapter_name = self.merged_adapters.pop()
                 weight = dense_weight(base)
-                store_weight(base, weight - self.get_delta_weight(adapter_name).to(weight.device))
+                store_weight(base, weight - self.get_delta_weight(adapter_name).to(weight.device))  # plain: in place
 
     def __repr__(self) -> str:
         return "tenslora." + super().__repr__()

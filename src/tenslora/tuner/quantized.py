@@ -1,12 +1,14 @@
 """Reading and writing the weight of an adapted base layer, whether plain or quantized by bitsandbytes.
 
-Merging needs the base weight as a dense fp32 matrix and a way to store the merged matrix back in
-the base's own format. For a plain ``nn.Linear``/``Conv1D`` that is a cast. For a bitsandbytes
-``Linear4bit`` (nf4/fp4) or ``Linear8bitLt`` base it is dequantize -> (add the update in fp32) ->
-requantize with the weight's own settings (block size, quant type, nested statistics, storage dtype),
-so the merged layer is a quantized layer of the same kind. Requantizing rounds, so subtracting the
-update again would not give the original weight back; instead, the quantized original is kept while
-merged (:func:`keep_original`) and put back as it was on unmerge (:func:`restore_original`).
+Merging needs the base weight as a dense fp32 matrix and a layer to hold the merged matrix. For a
+plain ``nn.Linear``/``Conv1D`` that is the layer itself, and the merge a cast. For a bitsandbytes
+``Linear4bit`` (nf4/fp4) or ``Linear8bitLt`` base it is a new dense layer (:class:`DequantizedLinear`)
+holding the dequantized W + delta W in fp32: a trained delta W is far below the 4-bit (and 8-bit) quantization
+step, so requantizing W + delta W rounds it away (SmolLM2-135M, nf4: exact match 0.667 -> 0.000; see
+docs/llm.md). A PEFT user merges to keep the fine-tune, so that is the default; requantizing into a
+layer of the same kind stays available inside :func:`requantizing_merge`, which reports how much of
+the update survived. Either way the quantized original is kept while merged (:func:`keep_original`)
+and put back as it was on unmerge (:func:`restore_original`): subtracting the update would round twice.
 
 bitsandbytes is optional: a module can only be a bitsandbytes layer if bitsandbytes was imported by
 whoever built it, so this module never imports it itself.
@@ -17,8 +19,12 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from importlib.util import find_spec
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -77,27 +83,109 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     return weight.data.float()
 
 
-def store_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Put a dense fp32 weight (as :func:`dense_weight` returns it) back into the module, in the module's format."""
-    kind = quantization(module)
-    if kind is not None:
-        warnings.warn(f"Merging into a {kind} base layer rounds the merged weights to {kind}: the merged model's "
-                      "outputs differ slightly from the adapted model's.", stacklevel=3)
-    if kind == "4-bit":
-        _store_4bit(module, weight)
-    elif kind == "8-bit":
-        _store_8bit(module, weight)
-    else:
+class DequantizedLinear(nn.Linear):
+    """The dense layer that a merge into a bitsandbytes layer leaves in its place, holding W + delta W in fp32.
+
+    fp32, not the layer's compute dtype: a trained delta W of 1e-3 ||W|| is lost in bf16 too (the
+    rounding of bf16(W + dW) - bf16(W) is 1.6 times dW; fp16: 0.3 times), and fp32 is what the adapted
+    model added the update in. ``model.to(torch.bfloat16)`` after merging trades that for memory. Like a
+    bitsandbytes layer it casts its input to its weight's dtype and its output back, so the merged model
+    runs wherever the adapted one ran. It saves and loads as an ``nn.Linear``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
+@dataclass
+class RequantizationReport:
+    """How much of the update a merge inside :func:`requantizing_merge` kept, over every layer it requantized.
+
+    With Q the layer's (de)quantization, W its weight and dW the update: ``relative_error`` is
+    ||Q(W + dW) - Q(W) - dW|| / ||dW|| and ``cosine`` the cosine between Q(W + dW) - Q(W) and dW, each over
+    all layers at once (0 and 1 when the update survives whole; about 1 and 0 when it is rounded away).
+    """
+
+    layers: int = 0
+    update_squared: float = 0.0
+    kept_squared: float = 0.0
+    error_squared: float = 0.0
+    inner: float = 0.0
+
+    def add(self, update: torch.Tensor, kept: torch.Tensor) -> None:
+        update, kept = update.double(), kept.double()
+        self.layers += 1
+        self.update_squared += update.square().sum().item()
+        self.kept_squared += kept.square().sum().item()
+        self.error_squared += (kept - update).square().sum().item()
+        self.inner += (kept * update).sum().item()
+
+    @property
+    def relative_error(self) -> float:
+        return (self.error_squared / self.update_squared) ** 0.5 if self.update_squared else 0.0
+
+    @property
+    def cosine(self) -> float:
+        norms = (self.update_squared * self.kept_squared) ** 0.5
+        return self.inner / norms if norms else float(self.update_squared == self.kept_squared)
+
+    def __str__(self) -> str:
+        return (f"Requantizing the merge into {self.layers} bitsandbytes layer(s) kept this much of the update: "
+                f"||Q(W+dW) - Q(W) - dW|| / ||dW|| = {self.relative_error:.3f}, cosine(Q(W+dW) - Q(W), dW) = "
+                f"{self.cosine:.3f} (0 and 1 when kept whole). Merge outside requantizing_merge() to keep all of "
+                "it in dense layers.")
+
+
+_REQUANTIZING: ContextVar[Optional[RequantizationReport]] = ContextVar("tenslora_requantizing", default=None)
+
+
+@contextmanager
+def requantizing_merge() -> Iterator[RequantizationReport]:
+    """Within it, merges into a bitsandbytes 4-bit/8-bit base requantize W + delta W into a quantized layer of the
+    same kind (same memory) instead of leaving a dense layer; what that kept of the update is the yielded report,
+    also warned on exit: ``with tenslora.requantizing_merge() as report: model.merge_and_unload()``."""
+    report = RequantizationReport()
+    token = _REQUANTIZING.set(report)
+    try:
+        yield report
+    finally:
+        _REQUANTIZING.reset(token)
+    if report.layers:
+        warnings.warn(str(report), stacklevel=3)
+
+
+def store_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """The layer that holds ``weight`` (dense fp32, as :func:`dense_weight` returns it) merged: the module itself
+    for a plain weight (cast to its dtype) and inside :func:`requantizing_merge`; else a new
+    :class:`DequantizedLinear` to put in place of the quantized module."""
+    kind, report = quantization(module), _REQUANTIZING.get()
+    if kind is None:
         module.weight.data = weight.to(module.weight.dtype)
+        return module
+    if report is None:
+        dense = DequantizedLinear(module.in_features, module.out_features, bias=module.bias is not None,
+                                  device=module.weight.device, dtype=torch.float32)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if module.bias is not None:
+                dense.bias.copy_(module.bias)
+        return dense.requires_grad_(False)
+    before = dense_weight(module)
+    (_store_4bit if kind == "4-bit" else _store_8bit)(module, weight)
+    report.add(weight - before, dense_weight(module) - before)
+    return module
 
 
-def keep_original(module: nn.Module) -> Optional[nn.Parameter]:
-    """What :func:`restore_original` needs to undo every later merge exactly: the quantized weight as it is.
+def keep_original(module: nn.Module) -> Union[nn.Module, nn.Parameter, None]:
+    """What :func:`restore_original` needs to undo every later merge exactly: the quantized layer itself (a merge
+    puts a dense layer in its place) or, inside :func:`requantizing_merge`, its quantized weight as it is.
 
-    None for a plain weight, whose merge is undone by subtracting the update. The merged weight is a
-    new parameter, so keeping the original costs one quantized copy of the layer while merged.
+    None for a plain weight, whose merge is undone by subtracting the update. Keeping the original costs
+    one quantized copy of the layer while merged.
     """
     kind = quantization(module)
+    if kind is not None and _REQUANTIZING.get() is None:
+        return module
     if kind == "4-bit":
         return module.weight
     if kind == "8-bit":
@@ -107,14 +195,17 @@ def keep_original(module: nn.Module) -> Optional[nn.Parameter]:
     return None
 
 
-def restore_original(module: nn.Module, original: nn.Parameter) -> None:
-    """Put back the weight that :func:`keep_original` kept, on the device the module's weight is on now."""
+def restore_original(module: nn.Module, original: Union[nn.Module, nn.Parameter]) -> nn.Module:
+    """The base layer as :func:`keep_original` kept it, on the device the (merged) ``module``'s weight is on now."""
     device = module.weight.device
+    if isinstance(original, nn.Module):
+        return original.to(device)
     if original.device != device:
         original = original.to(device)
     module.weight = original
     if quantization(module) == "4-bit":
         module.quant_state = original.quant_state
+    return module
 
 
 def _quant_state(module: nn.Module) -> Any:
