@@ -185,6 +185,19 @@ def test_requantizing_merge_reports_a_realistic_update_rounded_away(llama_folder
     assert report.relative_error > 0.9 and report.cosine < 0.2  # measured: 1.07 / 1.06 and 0.04
 
 
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_a_merged_model_saves_and_reloads_with_its_dense_layers(llama_folder, tmp_path, quantization):
+    """Dense (merged, and the head) and quantized layers side by side: the saved config names the dense ones, or
+    from_pretrained would make them quantized layers without quantization state."""
+    merged = _adapted(llama_folder, quantization, init_weights=False).merge_and_unload().train()
+    batch = tiny.inputs("llama")
+    merged.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path, device_map="cpu").train()
+    attention, quantized = reloaded.model.layers[0].self_attn, type(merged.model.layers[0].self_attn.o_proj)
+    assert type(attention.q_proj) is nn.Linear and type(attention.o_proj) is quantized is not nn.Linear
+    torch.testing.assert_close(_logits(reloaded, batch), _logits(merged, batch), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("requantize", [False, True], ids=["dense", "requantizing"])
 @pytest.mark.parametrize("quantization", QUANTIZATIONS)
 def test_unmerge_gives_the_quantized_weights_back_exactly(llama_folder, quantization, requantize):

@@ -37,6 +37,7 @@ from .architectures import (
 )
 from .config import TensLoraConfig
 from .layer import Segment, TensLoraLayer
+from .quantized import record_dense_layers
 
 _BANKS = "tenslora_tensors"
 
@@ -198,6 +199,7 @@ class TensLoraModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, *args, **kwargs) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
+        record_dense_layers(model)  # a merged bitsandbytes model then saves and reloads with its dense layers
         # The returned model is plain: no hook, no reference to the tensors. A second unload finds nothing to remove.
         for hook in self.__dict__.pop("_pass_hooks", ()):
             hook.remove()

@@ -176,6 +176,23 @@ def store_weight(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     return module
 
 
+def record_dense_layers(model: nn.Module) -> None:
+    """After a merge left dense layers in a model quantized by bitsandbytes through transformers: name every linear
+    layer that bitsandbytes does not hold (the merged ones, and those it never quantized, such as the LM head) in
+    the model's quantization config (``llm_int8_skip_modules``), so that ``save_pretrained`` then
+    ``from_pretrained`` loads them dense rather than as quantized layers without quantization state."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None or not any(isinstance(module, DequantizedLinear) for module in model.modules()):
+        return
+    bnb = _bitsandbytes()
+    dense = {name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+    if isinstance(config, dict):
+        config["llm_int8_skip_modules"] = sorted(set(config.get("llm_int8_skip_modules") or ()) | dense)
+    else:
+        config.llm_int8_skip_modules = sorted(set(config.llm_int8_skip_modules or ()) | dense)
+
+
 def keep_original(module: nn.Module) -> Union[nn.Module, nn.Parameter, None]:
     """What :func:`restore_original` needs to undo every later merge exactly: the quantized layer itself (a merge
     puts a dense layer in its place) or, inside :func:`requantizing_merge`, its quantized weight as it is.
