@@ -37,6 +37,7 @@ from .construction import (
     RankSpec,
     TensorSpec,
     fit_ranks,
+    index_of,
     one_or_per_family,
     resolve_family_ranks,
     resolve_ranks,
@@ -111,17 +112,9 @@ def block_key(construction: Construction, layer: int) -> str:
 
 def blocks_of(construction: Construction, geometry: Geometry, role: str, layer_position: int) -> tuple[Block, ...]:
     """The blocks of ``role``'s update in ``layer_position``, in feature order: their slices and used rows."""
-    d, width, layers = geometry.hidden_size, geometry.role_width(role), geometry.num_layers
-    blocks = []
-    for number, slot in enumerate(slots(geometry)[role]):
-        if construction.fused:
-            index = {FUSED_MODE: slot * layers + layer_position}
-        elif construction.stack_layers:
-            index = {"qkv": slot, "depth": layer_position}
-        else:
-            index = {"qkv": slot}
-        blocks.append(Block(index, min(d, width - number * d)))
-    return tuple(blocks)
+    d, width = geometry.hidden_size, geometry.role_width(role)
+    return tuple(Block(index_of(construction, slot, layer_position, geometry.num_layers), min(d, width - number * d))
+                 for number, slot in enumerate(slots(geometry)[role]))
 
 
 @dataclass(frozen=True)

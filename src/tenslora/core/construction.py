@@ -49,6 +49,8 @@ TRANSPOSED_ROLES = ("o", "down")
 FACTORIZATIONS = ("tucker", "cp", "tt")
 #: The mode that fuses the role and depth modes (index ``role * L + layer``).
 FUSED_MODE = "qkv_depth"
+#: The modes that select *which* update a slice is (as opposed to its rows and columns), in mode order.
+INDEX_MODES = ("qkv", "depth", FUSED_MODE)
 
 #: What ``ranks`` may be: one int for every mode of every tensor, a list in the construction's mode
 #: order, a dict keyed by mode name whose values are ints or ``"full"`` (the mode's size), or a dict
@@ -115,7 +117,7 @@ class Construction:
     @property
     def index_modes(self) -> tuple[str, ...]:
         """Modes that select *which* update a slice is (as opposed to its rows and columns)."""
-        return tuple(m for m in self.modes if m in ("qkv", "depth", FUSED_MODE))
+        return tuple(m for m in self.modes if m in INDEX_MODES)
 
     def for_family(self, family: str) -> Construction:
         """The construction a family's tensors use: the head split exists only for attention."""
@@ -332,16 +334,19 @@ def tensor_key(construction: Construction, role: str, layer: int) -> str:
     return "_".join(parts) or "all"
 
 
+def index_of(construction: Construction, role_position: int, layer_position: int, num_layers: int) -> dict[str, int]:
+    """A slice's index along the construction's index modes, from its position along the role mode (a role of its
+    family, or a block's slot) and its layer's position; the fused mode is indexed ``role * L + layer``."""
+    if construction.fused:
+        return {FUSED_MODE: role_position * num_layers + layer_position}
+    index = {"qkv": role_position} if construction.stack_roles else {}
+    return index | ({"depth": layer_position} if construction.stack_layers else {})
+
+
 def slice_index(construction: Construction, geometry: Geometry, role: str, layer_position: int) -> dict[str, int]:
     """Position of the update along the index modes of its tensor (the role mode counts its family's roles)."""
-    index = {}
-    if construction.stack_roles:
-        index["qkv"] = geometry.family_roles(family_of(role)).index(role)
-    if construction.stack_layers:
-        index["depth"] = layer_position
-    if construction.fused:
-        return {FUSED_MODE: index["qkv"] * geometry.num_layers + index["depth"]}
-    return index
+    role_position = geometry.family_roles(family_of(role)).index(role) if construction.stack_roles else 0
+    return index_of(construction, role_position, layer_position, geometry.num_layers)
 
 
 def _positive_rank(name: str, value: object, kind: str = "mode") -> int:
@@ -420,17 +425,46 @@ def max_bond_ranks(sizes: Mapping[str, float]) -> dict[str, float]:
             for k, bond in enumerate(bond_names(modes))}
 
 
+def neighbour_bond_ranks(sizes: Mapping[str, float], ranks: Mapping[str, int]) -> dict[str, int]:
+    """Bond ranks no larger than their neighbours allow: ``r_k <= r_{k-1} n_k`` and ``r_k <= n_{k+1} r_{k+1}``
+    (``r_0 = r_n = 1``; ``n_k`` the size of the mode between the bonds).
+
+    The unfolding at a bond has no larger rank, so a larger one adds parameters and no expressive power; and its
+    core could not be orthonormal, which the tensor-train's init (an isometry around its zero core) needs.
+    """
+    modes = list(sizes)
+    bonds = bond_names(modes)
+    edges = [1, *(ranks[bond] for bond in bonds), 1]
+    for k in range(1, len(edges) - 1):  # left to right, then right to left
+        edges[k] = min(edges[k], edges[k - 1] * sizes[modes[k - 1]])
+    for k in reversed(range(1, len(edges) - 1)):
+        edges[k] = min(edges[k], sizes[modes[k]] * edges[k + 1])
+    return dict(zip(bonds, edges[1:-1], strict=True))
+
+
 def resolve_tt_ranks(construction: Construction, ranks: RankSpec, sizes: Mapping[str, float]) -> dict[str, int]:
     """Turn a user rank spec into one rank per bond of the tensor-train (in the construction's mode order).
 
     An int is every bond's rank, capped silently at the bond's largest useful rank; a list gives
-    the bonds in order; a dict is keyed by bond (``"in-out"``); explicit ranks above the cap warn.
+    the bonds in order; a dict is keyed by bond (``"in-out"``); explicit ranks above the cap warn, and so do
+    explicit ranks above what their neighbours allow (:func:`neighbour_bond_ranks`), clamped to it (an int and
+    ``"full"`` are capped there silently).
     """
-    return _resolve_named_ranks(
-        construction, ranks, max_bond_ranks({m: sizes[m] for m in construction.modes}), "bond",
+    sizes = {m: sizes[m] for m in construction.modes}
+    resolved = _resolve_named_ranks(
+        construction, ranks, max_bond_ranks(sizes), "bond",
         "TT rank {rank} of bond '{name}' exceeds its largest useful rank {cap} (the smaller product of the mode "
         "sizes on either side); clamped to {cap}.",
     )
+    allowed = neighbour_bond_ranks(sizes, resolved)
+    given = (ranks if isinstance(ranks, Mapping) else {} if isinstance(ranks, int)
+             else dict(zip(resolved, ranks, strict=True)))  # explicit ranks warn where clamped, ints do not
+    for bond, rank in resolved.items():
+        if allowed[bond] < rank and given.get(bond, "full") != "full":
+            warnings.warn(f"TT rank {rank} of bond '{bond}' exceeds what its neighbours allow, {allowed[bond]} (the "
+                          "rank of the bond beside it times the size of the mode between them); clamped to "
+                          f"{allowed[bond]}.", stacklevel=3)
+    return allowed
 
 
 def resolve_cp_rank(ranks: RankSpec) -> int:
@@ -522,11 +556,12 @@ def resolve_family_ranks(construction: Construction, factorization: str, ranks: 
 
 def fit_ranks(ranks: Mapping[str, int] | int, sizes: Mapping[str, int]) -> dict[str, int] | int:
     """A family's ranks on one of its tensors: Tucker (mode) and TT (bond) ranks capped at what a narrower
-    tensor (k/v under GQA) can use."""
+    tensor (k/v under GQA) can use, bonds within what their neighbours allow."""
     if isinstance(ranks, int):
         return ranks
     caps = {**sizes, **max_bond_ranks(sizes)}
-    return {name: min(rank, caps[name]) for name, rank in ranks.items()}
+    fitted = {name: min(rank, caps[name]) for name, rank in ranks.items()}
+    return neighbour_bond_ranks(sizes, fitted) if set(fitted) == set(bond_names(list(sizes))) else fitted
 
 
 def _preset_ranks(preset: Preset, ranks: RankSpec) -> RankSpec:
@@ -551,8 +586,12 @@ def expand_preset(name: str, ranks: RankSpec) -> tuple[str, str, RankSpec]:
     return preset.construction, preset.factorization, ranks
 
 
-def preset_fixed_ranks(name: str) -> dict[str, str] | None:
-    """The modes a preset keeps full whatever the budget (LoTR's depth mode), for ``match_budget``'s ``fixed``;
-    ``None`` for a construction that is no preset, or a preset without such a rule."""
-    rules = PRESETS[name].tucker_ranks if name in PRESETS else None
-    return {mode: "full" for mode, rule in (rules or {}).items() if rule == "full"} or None
+def preset_fixed_ranks(name: str, ranks: RankSpec | None = None) -> dict[str, str] | None:
+    """The modes (bonds) a budget keeps full, for ``match_budget``'s ``fixed``: those a preset's rule keeps full
+    (LoTR's depth), or those a config's ``ranks`` write as ``"full"`` (which is how a preset's rule is recorded
+    once expanded, and what a user asks for); ``None`` where there is none. The one rule of every budget path."""
+    if name in PRESETS:
+        ranks = expand_preset(name, 1)[2]
+    specs = (_family_specs(ranks) or {"": ranks}) if isinstance(ranks, Mapping) else {}
+    return {mode: "full" for spec in specs.values() if isinstance(spec, Mapping)
+            for mode, rank in spec.items() if rank == "full"} or None

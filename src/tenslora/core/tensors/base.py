@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..construction import INDEX_MODES
+
 # einsum letters: lower case for rank indices, upper case for size indices.
 _RANK_LETTER = {"in": "a", "out": "b", "head_dim": "c", "heads": "d", "qkv": "e", "depth": "f", "qkv_depth": "g"}
 _SIZE_LETTER = {"out": "O", "head_dim": "J", "heads": "H", "qkv": "E", "depth": "F", "qkv_depth": "G"}
@@ -34,7 +36,7 @@ def _output_modes(modes: tuple[str, ...]) -> list[str]:
 
 
 def _index_modes(modes: tuple[str, ...]) -> list[str]:
-    return [m for m in modes if m in ("qkv", "depth", "qkv_depth")]
+    return [m for m in modes if m in INDEX_MODES]
 
 
 def _subsets(modes: list[str]) -> list[tuple[str, ...]]:
