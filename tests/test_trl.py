@@ -43,16 +43,33 @@ def test_sft_trainer_trains_saves_and_reloads_a_tensor_adapter(tmp_path, constru
 
 
 def test_sft_trainer_on_prompt_completion_pairs(tmp_path):
-    """TRL's default for prompt/completion data: the loss is on the completion only."""
+    """TRL's default for prompt/completion data: the loss is on the completion only. Every example's prompt is
+    masked from the labels, and the training moves the adapter and lowers the loss on the completions."""
     prompts = tiny_llm.sentences(12, seed=1, length=4)
     completions = [" " + text for text in tiny_llm.sentences(12, seed=2, length=4)]
     config = tenslora.TensLoraConfig(construction="qkv_depth", ranks=4, task_type="CAUSAL_LM")
     trainer = _trainer(tmp_path, Dataset.from_dict({"prompt": prompts, "completion": completions}), config)
-    first = trainer.train_dataset[0]
-    assert first["labels"][:4] == [-100] * 4 and -100 not in first["labels"][4:]  # 4 prompt words, then the completion
+    examples = list(trainer.train_dataset)
+    assert len(examples) == 12
+    for example in examples:  # 4 prompt words, then the completion (4 words and end-of-text) learnt as they are
+        assert example["labels"] == [-100] * 4 + example["input_ids"][4:] and len(example["input_ids"]) == 9
+    batch = trainer.data_collator(examples)
+    model = trainer.model
+
+    def completion_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return model(**batch).loss.item()
+
+    tensors = dict(model.base_model.tenslora_tensors.named_parameters())
+    before = {name: tensor.detach().clone() for name, tensor in tensors.items()}
+    loss_before = completion_loss()
+    trainer.args.max_steps, trainer.args.learning_rate = 15, 5e-2  # 5 epochs: the completions' loss falls by 0.08
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 15 and all(torch.isfinite(torch.tensor(losses)))
+    assert [name for name, tensor in tensors.items() if torch.equal(tensor, before[name])] == []
+    assert completion_loss() < loss_before - 0.05
 
 
 def test_sft_trainer_qlora_recipe_all_linear_on_a_4bit_base(tmp_path):
