@@ -252,11 +252,12 @@ def test_given_options_are_told_from_defaults(tmp_path, capsys):
 def test_run_json_keeps_its_form():
     identity = TrainOptions().identity()
     assert list(identity) == [name for name in option_names()
-                              if name not in ("output_dir", "resume", "threads", "trust_remote_code", "load_in_4bit",
-                                              "load_in_8bit", "layout")]
+                              if name not in ("output_dir", "resume", "threads", "eval_steps", "save_steps",
+                                              "trust_remote_code", "load_in_4bit", "load_in_8bit", "layout")]
     assert TrainOptions(trust_remote_code=True).identity()["trust_remote_code"] is True
     assert TrainOptions(layout="blocks", roles="all-linear").identity()["layout"] == "blocks"
     assert identity["ranks"] == 8 and identity["roles"] == ["q", "k", "v"] and identity["max_train_samples"] == 6000
+    assert (identity["lr"], identity["epochs"], identity["batch_size"]) == (1e-2, 2.0, 32)  # as recorded before
 
 
 def test_max_length_is_checked_against_the_model():
