@@ -28,6 +28,31 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
+class _Clock:
+    """``time.perf_counter`` for the benchmark: each (start, end) pair of calls lasts the next of ``durations``;
+    one call more than they allow fails the test (a step the benchmark ran beyond those it should have)."""
+
+    def __init__(self, *durations: float) -> None:
+        self.durations, self.now, self.started = list(durations), 0.0, False
+
+    def perf_counter(self) -> float:
+        if self.started:
+            self.now += self.durations.pop(0)
+        self.started = not self.started
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Install a ``_Clock`` as the benchmark's time (its own ``time`` only: torch keeps the real one)."""
+    def install(*durations: float) -> _Clock:
+        fake = _Clock(*durations)
+        monkeypatch.setattr(speed, "time", fake)
+        return fake
+
+    return install
+
+
 def _work(variant: str, *options: str) -> dict:
     return speed.worker(speed.parse_args(["--worker", "--model", "llama", "--variant", variant, *TINY[2:], *options]))
 
@@ -36,19 +61,32 @@ def _tiny_config():
     return speed.build_model("llama", speed.parse_args(TINY))[1]
 
 
-def test_llama_all_linear_adapters_at_lora_r8_budget():
+def _near_budget(params: int) -> bool:
     budget = tenslora.lora_parameter_count(8, _tiny_config(), roles="all-linear")
-    results = {v: _work(v) for v in ("floor", "lora", "qkv_depth", "lorta")}
+    return abs(params - budget) < 0.05 * budget
+
+
+def test_llama_all_linear_adapters_at_lora_r8_budget(clock):
+    """Each variant: its adapter at LoRA r=8's count, and one untimed warm-up step then exactly --steps timed steps
+    (3 here), whose median is the step time (the warm-up's 9 s left out)."""
+    budget = tenslora.lora_parameter_count(8, _tiny_config(), roles="all-linear")
+    results = {}
+    for variant in ("floor", "lora", "qkv_depth", "lorta"):
+        timer = clock(9.0, 1.0, 4.0, 2.0)
+        results[variant] = _work(variant, "--steps", "3")
+        assert timer.durations == [] and not timer.started, variant  # as many steps as the durations, no more
+        assert results[variant]["step_s"] == 2.0, variant
     assert results["floor"]["adapter_params"] == 0
     assert results["lora"]["adapter_params"] == budget  # PEFT's all-linear: every block linear, not the head
     for variant in ("qkv_depth", "lorta"):
-        assert abs(results[variant]["adapter_params"] - budget) < 0.05 * budget, (variant, results[variant])
-    assert all(r["step_s"] > 0 for r in results.values())
+        assert _near_budget(results[variant]["adapter_params"]), (variant, results[variant])
 
 
-def test_compiled_variant_reports_its_compile_time():
-    result = _work("qkv_depth+compile", "--compile-backend", "aot_eager")
-    assert result["compile_s"] > 0 and result["step_s"] > 0 and result["adapter_params"] > 0
+def test_compiled_variant_reports_its_compile_time(clock):
+    """The compiling step (10 s) minus a timed step's median (2 s, the warm-up's 4 s left out)."""
+    clock(10.0, 4.0, 1.0, 2.0, 3.0)
+    result = _work("qkv_depth+compile", "--compile-backend", "aot_eager", "--steps", "3")
+    assert (result["compile_s"], result["step_s"]) == (8.0, 2.0) and _near_budget(result["adapter_params"])
 
 
 def test_4bit_base_quantizes_the_block_linears_and_keeps_the_head():
@@ -59,7 +97,7 @@ def test_4bit_base_quantizes_the_block_linears_and_keeps_the_head():
     assert type(model.score) is torch.nn.Linear and model.score.weight.dtype == torch.float32
     lora, tensor = _work("lora+4bit"), _work("qkv_depth+4bit")
     assert lora["adapter_params"] == tenslora.lora_parameter_count(8, _tiny_config(), roles="all-linear")
-    assert tensor["step_s"] > 0 and tensor["adapter_params"] > 0
+    assert _near_budget(tensor["adapter_params"])  # the same budget on the quantized base
 
 
 def test_profile_counts_operators_and_compares_with_lora():

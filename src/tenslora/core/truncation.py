@@ -20,7 +20,7 @@ import torch
 
 from .tensors import build_tensor
 from .tensors.base import FactorizedTensor
-from .tensors.tt import TensorTrainTensor
+from .tensors.tt import TensorTrainTensor, outer_two_way, three_way
 from .tensors.tucker import TuckerTensor
 
 
@@ -89,18 +89,6 @@ def truncate_tucker(core: torch.Tensor, factors: Sequence[torch.Tensor],
     return core, new_factors
 
 
-def _three_way(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Tensor-train cores as (left bond, size, right bond) arrays: the outer ones get their bond of size 1."""
-    last = len(cores) - 1
-    return [core.double().unsqueeze(0) if k == 0 else core.double().unsqueeze(-1) if k == last else core.double()
-            for k, core in enumerate(cores)]
-
-
-def _outer_two_way(cores: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inverse of ``_three_way``: the first core d x r_1, the last r_{n-1} x n_last."""
-    return [core[0] if k == 0 else core[..., 0] if k == len(cores) - 1 else core for k, core in enumerate(cores)]
-
-
 def _split(matrix: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``matrix ~ left @ right`` with orthonormal ``left`` columns (rank ``rank``, None: all), and the singular values.
 
@@ -122,7 +110,7 @@ def _round(cores: Sequence[torch.Tensor], ranks: Sequence[int] | None) -> tuple[
     Returns the new cores and each bond's singular values (exactly the spectra of the tensor's unfoldings at
     that bond when ``ranks`` is None: the sweep then cuts nothing).
     """
-    cores = _three_way(cores)
+    cores = three_way([core.double() for core in cores])
     for k in range(len(cores) - 1, 0, -1):
         left_bond, size, right_bond = cores[k].shape
         q, r = torch.linalg.qr(cores[k].reshape(left_bond, size * right_bond).T)
@@ -135,7 +123,7 @@ def _round(cores: Sequence[torch.Tensor], ranks: Sequence[int] | None) -> tuple[
         spectra.append(values)
         cores[k] = left.reshape(left_bond, size, -1)
         cores[k + 1] = torch.einsum("ab,bsc->asc", right, cores[k + 1])
-    return _outer_two_way(cores), spectra
+    return outer_two_way(cores), spectra
 
 
 def tt_spectra(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -156,7 +144,7 @@ def exact_tt(dense: torch.Tensor) -> list[torch.Tensor]:
         cores.append(q.reshape(left_bond, size, -1))
         rest, left_bond = r, q.shape[1]
     cores.append(rest.reshape(left_bond, dense.shape[-1], 1))
-    return _outer_two_way(cores)
+    return outer_two_way(cores)
 
 
 def _parts(tensor: FactorizedTensor) -> tuple[torch.Tensor | None, list[torch.Tensor]]:

@@ -12,7 +12,7 @@ are keyed by bond, named by its two modes (``"in-out"``, ``"out-qkv"``, ``"qkv-d
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,19 @@ def _initial_core(rows: int, size: int, cols: int, side: str) -> torch.Tensor:
         return torch.zeros(rows, size, cols, dtype=torch.float32)
     unfolding = (rows * size, cols) if side == "left" else (rows, size * cols)
     return nn.init.orthogonal_(torch.empty(*unfolding, dtype=torch.float32)).reshape(rows, size, cols)
+
+
+def three_way(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Cores as (left bond, size, right bond) arrays: the outer ones get back their bond of size 1."""
+    last = len(cores) - 1
+    return [core.unsqueeze(0) if k == 0 else core.unsqueeze(-1) if k == last else core for k, core in enumerate(cores)]
+
+
+def outer_two_way(cores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of :func:`three_way`, the cores as a tensor-train keeps them: the outer ones drop their bond of
+    size 1 (``G_in`` is d_in x r_1, the last r_{n-1} x n_last)."""
+    last = len(cores) - 1
+    return [core[0] if k == 0 else core[..., 0] if k == last else core for k, core in enumerate(cores)]
 
 
 class TensorTrainTensor(FactorizedTensor):
@@ -51,12 +64,10 @@ class TensorTrainTensor(FactorizedTensor):
         self.ranks = {bond: int(ranks[bond]) for bond in bonds}
         edges = [1, *self.ranks.values(), 1]
         zero = self.modes.index(self.output_modes[-1])
-        last = len(self.modes) - 1
-        for k, mode in enumerate(self.modes):
-            side = "zero" if k == zero else "left" if k < zero else "right"
-            core = _initial_core(edges[k], self.sizes[mode], edges[k + 1], side)
-            # The outer cores drop their bond of size 1: G_in is d_in x r_1, the last r_{n-1} x n_last.
-            core = core[0] if k == 0 else core[..., 0] if k == last else core
+        cores = [_initial_core(edges[k], self.sizes[mode], edges[k + 1],
+                               "zero" if k == zero else "left" if k < zero else "right")
+                 for k, mode in enumerate(self.modes)]
+        for mode, core in zip(self.modes, outer_two_way(cores), strict=True):
             self.factors[mode] = nn.Parameter(core)
         self.input_rank = edges[1]
         self._equations = {free: self._equation(free) for free in _subsets(self.index_modes)}
