@@ -23,10 +23,11 @@ from tenslora.app.generation import exact_match
 from tenslora.app.modeling import load_trained_model
 from tenslora.app.options import TrainOptions
 from tenslora.app.runs import read_run
-from tenslora.app.train import evaluate_run, prepare, run_training
+from tenslora.app.train import check_decoder, evaluate_run, prepare, run_training
 from tenslora.data import CausalLmCollator, DataError, tokenize_causal_lm
 from tenslora.data.causal_lm import IGNORE_INDEX
 from tenslora.tuner.quantized import dense_weight
+from tiny_tasks import save_text_model
 
 FAST = dict(task="causal-lm", epochs=2, batch_size=8, lr=1e-2, max_length=32, bf16=False)
 
@@ -214,6 +215,22 @@ def test_bad_combinations_are_one_line_errors(tiny, tmp_path, capsys, extra, wor
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_an_encoder_only_model_is_refused_as_a_causal_lm(tiny, tmp_path, capsys, model_type):
+    """transformers loads BERT and RoBERTa with an LM head (BertLMHeadModel...), but their attention sees the whole
+    text: refused before anything is written. The same encoder configured as a decoder is a causal LM."""
+    model = save_text_model(tmp_path / model_type, model_type)
+    line = _error_line(capsys, ["train", "--task", "causal-lm", "--train-file", str(tiny / "text-train.jsonl"),
+                                "--model", str(model), "--output-dir", str(tmp_path / "out"), "--no-bf16"])
+    assert f"--model '{model}' is an encoder-only model ({model_type})" in line and "decoder" in line, line
+    assert not (tmp_path / "out").exists()
+    config = transformers.AutoConfig.from_pretrained(model)
+    check_decoder(transformers.AutoConfig.from_pretrained(model, is_decoder=True), str(model))
+    check_decoder(transformers.LlamaConfig(), "llama")
+    with pytest.raises(ValueError, match="encoder-only"):
+        check_decoder(config, str(model))
+
+
 def test_missing_pieces_are_one_line_errors(tiny, tmp_path, capsys, monkeypatch):
     out = ["--output-dir", str(tmp_path / "out")]
     monkeypatch.setattr(tenslora.app.modeling.importlib.util, "find_spec", lambda name: None)
@@ -235,6 +252,7 @@ def test_a_causal_lm_run_has_its_own_defaults():
     user gives wins; a classification run keeps the classifier's defaults."""
     default = TrainOptions(task="causal-lm")
     assert default.roles == ["all-linear"] and (default.lr, default.batch_size, default.epochs) == (5e-3, 8, 1.0)
+    assert default.max_length == 256 and TrainOptions().max_length == 128
     assert (default.max_train_samples, default.max_eval_samples) == (480, 200)
     given = TrainOptions(task="causal-lm", roles="q,v", lr=1e-3, train_file="x.jsonl")
     assert given.roles == ["q", "v"] and given.lr == 1e-3 and given.max_train_samples is None

@@ -26,6 +26,7 @@ from ..data import BUILTIN_TASKS, CAUSAL_LM_TASK, CUSTOM_TASK, DEFAULT_TASK, FIL
 from ..tuner.budgets import lora_parameter_count, match_budget
 from ..tuner.config import TensLoraConfig
 from ..tuner.quantized import check_bitsandbytes_installed
+from .gguf import check_not_quantized
 
 
 def _no_bool(value: Any) -> Any:
@@ -59,8 +60,8 @@ DEFAULT_CAUSAL_LM_SAMPLES = {"max_train_samples": 480, "max_eval_samples": 200}
 #: Defaults that depend on what is trained: a classifier from a small encoder, or a causal LM (all-linear, as
 #: QLoRA and PEFT users adapt LLMs; a smaller batch of longer sequences). See docs/benchmarks.md and docs/llm.md.
 DEFAULTS_BY_KIND: dict[str, dict[str, Any]] = {
-    "classification": {"lr": 1e-2, "epochs": 2.0, "batch_size": 32, "roles": ["q", "k", "v"]},
-    "causal-lm": {"lr": 5e-3, "epochs": 1.0, "batch_size": 8, "roles": ["all-linear"]},
+    "classification": {"lr": 1e-2, "epochs": 2.0, "batch_size": 32, "roles": ["q", "k", "v"], "max_length": 128},
+    "causal-lm": {"lr": 5e-3, "epochs": 1.0, "batch_size": 8, "roles": ["all-linear"], "max_length": 256},
 }
 #: The options that shape the adapter: meaningless (so refused) with ``head_only``.
 ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "scaling", "dropout", "roles", "role_patterns",
@@ -97,7 +98,7 @@ class TrainOptions:
     # The model
     model: Optional[Text] = None  # default: all-MiniLM-L6-v2 (text) or google/vit-base-patch16-224 (images)
     pooling: Optional[Literal["mean", "cls"]] = None  # default: the checkpoint's own (mean for sentence-transformers)
-    max_length: Positive = 128  # at most the model's positions (checked when its config is read)
+    max_length: Optional[Positive] = None  # at most the model's positions (checked when its config is read)
     trust_remote_code: bool = False  # run code shipped in a model folder (its config's auto_map): only if you trust it
     load_in_4bit: bool = False  # QLoRA: the frozen base quantized by bitsandbytes (nf4, nested statistics); causal-lm
     load_in_8bit: bool = False  # the frozen base in bitsandbytes int8 (LLM.int8()); causal-lm
@@ -213,6 +214,7 @@ class TrainOptions:
             raise ValueError(f"--load-in-{self.quantization} quantizes the base of a causal-LM run: give --task "
                              f"{CAUSAL_LM_TASK} (classification runs train on an unquantized base).")
         if self.quantization:
+            check_not_quantized(self.model or "", self.quantization)
             check_bitsandbytes_installed(self.quantization)
 
     def _check_causal_lm(self) -> None:
