@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 from safetensors import safe_open
 
 import tenslora
 from tenslora.app.modeling import checkpoint_pooling
 from tenslora.app.options import TrainOptions, adapter_config
 from tenslora.app.pooling import MeanPoolingForSequenceClassification
-from tenslora.app.train import evaluate_run, prepare, run_training
+from tenslora.app.train import evaluate_run, prepare, run_training, training_arguments
 from tiny_tasks import save_image_model, save_text_model, write_image_folder, write_pair_task, write_text_files
 
 FAST = dict(epochs=2, batch_size=8, lr=1e-2, max_length=32, bf16=False)
@@ -199,3 +201,13 @@ def test_bf16_autocast_runs(tiny, tmp_path):
     assert output_dtypes == {torch.bfloat16}
     with safe_open(out / "adapter_model.safetensors", framework="pt") as weights:
         assert {weights.get_tensor(key).dtype for key in weights.keys()} == {torch.float32}
+
+
+def test_warmup_ratio_is_a_share_of_the_steps_on_every_transformers_the_project_allows(tmp_path):
+    """``--warmup-ratio 0.1`` reaches the Trainer as ``warmup_steps=0.1``, which transformers 5 reads as a ratio and
+    4.x as 0.1 steps (no warmup): the floor in pyproject.toml must exclude 4.x."""
+    arguments = training_arguments(TrainOptions(warmup_ratio=0.1, **FAST), str(tmp_path / "run"))
+    assert arguments.get_warmup_steps(200) == 20
+    project = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    floor = Requirement(re.search(r'"(transformers[^"]*)"', project).group(1))
+    assert not floor.specifier.contains("4.57.6") and floor.specifier.contains("5.0.0")

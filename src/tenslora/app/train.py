@@ -21,12 +21,14 @@ from peft import get_peft_model
 from torch import nn
 from transformers import (
     DataCollatorWithPadding,
+    PretrainedConfig,
     Trainer,
     TrainerCallback,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..data import CAUSAL_LM_TASK, CausalLmCollator
 from ..data.causal_lm import is_paired
@@ -164,12 +166,27 @@ def base_model(options: TrainOptions, model_name: str, data: inputs.TaskData, pr
     in bfloat16 where the run trains in it), or a classifier with a new head over the data's classes."""
     if data.modality == CAUSAL_LM_TASK:
         compute_dtype = torch.bfloat16 if use_bf16(options.bf16) else torch.float32
-        return build_causal_lm(model_name, options.quantization, compute_dtype, process_state().device,
-                               options.trust_remote_code), None
+        model = build_causal_lm(model_name, options.quantization, compute_dtype, process_state().device,
+                                options.trust_remote_code)
+        check_decoder(model.config, model_name)
+        return model, None
     pooling = resolve_pooling(model_name, options.pooling) if data.modality == "text" else None
     return build_classifier(model_name, data.labels, data.modality, pooling,
                             pad_token_id=getattr(preprocessor, "pad_token_id", None),
                             trust_remote_code=options.trust_remote_code), pooling
+
+
+def check_decoder(config: PretrainedConfig, model_name: str) -> None:
+    """Refuse an encoder-only model (BERT, RoBERTa...) as a causal LM: transformers loads some of them with an LM
+    head, but their attention sees the whole text, so "predicting" the next token is copying it. An encoder
+    configured as a decoder (``is_decoder``, XLM's ``causal``) or the decoder of an encoder-decoder is one."""
+    encoder = config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not (
+        config.is_decoder or config.is_encoder_decoder or getattr(config, "causal", False))
+    if encoder:
+        raise ValueError(f"--model '{model_name}' is an encoder-only model ({config.model_type}): its attention "
+                         f"sees the whole text, so it cannot learn to predict the next token. For --task "
+                         f"{CAUSAL_LM_TASK} pass a decoder (a causal LM such as LLaMA, Qwen, GPT-2; without --model, "
+                         "SmolLM2-135M-Instruct), or train this model on a classification task instead.")
 
 
 def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArguments:
@@ -182,7 +199,7 @@ def training_arguments(options: TrainOptions, output_dir: str) -> TrainingArgume
         learning_rate=options.lr,
         weight_decay=options.weight_decay,
         lr_scheduler_type="cosine",
-        warmup_steps=options.warmup_ratio,
+        warmup_steps=options.warmup_ratio,  # below 1: a share of the steps (transformers >= 5, pyproject's floor)
         num_train_epochs=options.epochs,
         max_steps=options.max_steps or -1,
         eval_strategy="steps" if options.eval_steps else "epoch",
