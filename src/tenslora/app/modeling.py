@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from peft import prepare_model_for_kbit_training
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -40,6 +41,7 @@ from ..data import CAUSAL_LM_TASK
 from ..tuner.persistence import load_adapter
 from ..tuner.quantized import check_bitsandbytes_installed, dense_weight
 from ..tuner.quantized import quantization as layer_quantization
+from .gguf import check_not_quantized, is_gguf, load_gguf
 from .pooling import MeanPoolingForSequenceClassification
 
 DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224"
@@ -83,16 +85,80 @@ def default_model(modality: str) -> str:
 
 def from_pretrained(loader: Any, model: str, trust_remote_code: bool = False, **kwargs) -> Any:
     """``loader.from_pretrained(model)``; a missing folder or unreachable hub id is a ``ValueError`` naming the fix,
-    and so is a model that needs its own code without ``trust_remote_code``."""
+    and so is a model that needs its own code without ``trust_remote_code``. ``model`` may be a GGUF file (gguf.py).
+    """
+    if is_gguf(model):  # a GGUF file holds no code
+        return load_gguf(loader, model, loader not in (AutoConfig, AutoTokenizer), trust_remote_code=trust_remote_code,
+                         **kwargs)
     try:
-        if not trust_remote_code and _remote_code(model):
-            raise ValueError(f"'{model}' ships its own Python code (auto_map in its config.json), which is not "
-                             "run unless you pass --trust-remote-code (trust_remote_code=True): read that code first.")
+        remote_code = not trust_remote_code and _remote_code(model)
+    except OSError as error:  # not a folder, nor a hub id
+        raise _cannot_load(model, error) from None
+    if remote_code:
+        raise ValueError(f"'{model}' ships its own Python code (auto_map in its config.json), which is not "
+                         "run unless you pass --trust-remote-code (trust_remote_code=True): read that code first.")
+    try:
         return loader.from_pretrained(model, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"Cannot load '{model}' ({reason}); pass a local model folder or a hub id you can "
-                         "download with --model.") from None
+        raise _cannot_load(model, error) from None
+    except SafetensorError as error:
+        raise ValueError(_damaged_weights(model, error)) from None
+    except Exception as error:  # tokenizers and transformers read a damaged file with any exception
+        if loader not in (AutoTokenizer, AutoImageProcessor):
+            raise
+        raise ValueError(_damaged_preprocessor(model, error)) from error
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _cannot_load(model: str, error: OSError) -> ValueError:
+    return ValueError(f"Cannot load '{model}' ({_first_line(error)}); pass a local model folder or a hub id you can "
+                      "download with --model.")
+
+
+def _model_file(model: str, name: str) -> str | None:
+    """The path of ``model``'s file ``name`` (in its folder, or in the download cache), if it has one."""
+    if is_gguf(model):  # one file holds it all
+        return None
+    return cached_file(model, name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
+def _damaged_weights(model: str, error: Exception) -> str:
+    """What to say of weights safetensors cannot read: the file (found by opening each) and the fix."""
+    config = _model_file(model, "config.json")
+    files = sorted(Path(config).parent.glob("*.safetensors")) if config else []
+    damaged = next((path for path in files if not _opens(path)), None)
+    where = f"'{damaged}'" if damaged else f"A weights file of '{model}'"
+    return (f"{where} is damaged ({_first_line(error)}): cut short by an interrupted download or copy? Download or "
+            "copy the model again, or pass another --model.")
+
+
+def _opens(path: Path) -> bool:
+    try:
+        with safe_open(path, framework="pt"):
+            return True
+    except SafetensorError:
+        return False
+
+
+#: The JSON files of a tokenizer or an image processor, checked in this order when one of them does not load.
+PREPROCESSOR_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                      "vocab.json", "preprocessor_config.json")
+
+
+def _damaged_preprocessor(model: str, error: Exception) -> str:
+    """What to say of a tokenizer or image processor that does not load: the first of its JSON files that is not a
+    JSON object, else the error, and the fix."""
+    for name in PREPROCESSOR_FILES:
+        path = _model_file(model, name)
+        problem = path and _read_json(path, dict)[1]
+        if problem:
+            return f"'{path}' is damaged: it {problem}. Restore it from the model's source, or pass another --model."
+    return (f"The tokenizer or image processor files of '{model}' do not load ({type(error).__name__}: "
+            f"{_first_line(error)}); restore them from the model's source, or pass another --model.")
 
 
 def _remote_code(model: str) -> bool:
@@ -101,8 +167,7 @@ def _remote_code(model: str) -> bool:
     A folder saved by ``tenslora merge`` names ``pooling.py`` in its ``auto_map`` but keeps a built-in
     ``model_type``: the classes of tenslora load it without that code, so it is not refused.
     """
-    config_file = cached_file(model, "config.json", _raise_exceptions_for_missing_entries=False,
-                              _raise_exceptions_for_connection_errors=False)
+    config_file = _model_file(model, "config.json")
     if config_file is None:
         return False
     try:
@@ -119,8 +184,7 @@ def load_model_config(model: str, trust_remote_code: bool = False, **kwargs) -> 
 
 def checkpoint_pooling(model: str) -> str | None:
     """The pooling a sentence-transformers checkpoint was trained with (``mean``/``cls``), else None."""
-    modules_file = cached_file(model, "modules.json", _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
+    modules_file = _model_file(model, "modules.json")
     if modules_file is None:
         return None
     modules = _sentence_transformers_json(modules_file, list)
@@ -128,8 +192,7 @@ def checkpoint_pooling(model: str) -> str | None:
                    if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")), None)
     if folder is None:
         return None
-    pooling_file = cached_file(model, f"{folder}/config.json", _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
+    pooling_file = _model_file(model, f"{folder}/config.json")
     if pooling_file is None:
         return None
     pooling = _sentence_transformers_json(pooling_file, dict)
@@ -138,16 +201,22 @@ def checkpoint_pooling(model: str) -> str | None:
     return "cls" if pooling.get("pooling_mode_cls_token") else None
 
 
-def _sentence_transformers_json(path: str, expected: type) -> Any:
-    """A file of a checkpoint's sentence-transformers description; a damaged one is named, with the way around it."""
+def _read_json(path: str, expected: type) -> tuple[Any, str | None]:
+    """A JSON file's content, and what is wrong with it where it is not a ``expected`` (None if nothing)."""
     try:
         with open(path, encoding="utf-8") as handle:
             content = json.load(handle)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        content, problem = None, f"does not parse as JSON ({error})"
-    else:
-        problem = f"holds a JSON {type(content).__name__}, not a {expected.__name__}"
+        return None, f"does not parse as JSON ({error})"
     if not isinstance(content, expected):
+        return content, f"holds a JSON {type(content).__name__}, not a {expected.__name__}"
+    return content, None
+
+
+def _sentence_transformers_json(path: str, expected: type) -> Any:
+    """A file of a checkpoint's sentence-transformers description; a damaged one is named, with the way around it."""
+    content, problem = _read_json(path, expected)
+    if problem:
         raise ValueError(f"'{path}' is not a sentence-transformers file TensLoRA can read: it {problem}. Repair it, "
                          "or pass --pooling mean|cls (then it is not read).")
     return content
@@ -198,17 +267,42 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype = t
 
 
 def build_causal_lm(model: str, quantization: str | None = None, compute_dtype: torch.dtype = torch.float32,
-                    device: torch.device | str | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
+                    device: torch.device | str | None = None, trust_remote_code: bool = False,
+                    evaluated: bool = True) -> PreTrainedModel:
     """A pretrained causal LM with its own LM head; with ``quantization`` (``"4bit"``, ``"8bit"``) its linear layers
     are quantized by bitsandbytes on ``device`` (default: the GPU if any, else the CPU) and the model is made
-    ready for training on them (``peft.prepare_model_for_kbit_training``: fp32 norms, gradient checkpointing)."""
+    ready for training on them (``peft.prepare_model_for_kbit_training``: fp32 norms, gradient checkpointing).
+    ``evaluated``: the model will run in evaluation mode, which bitsandbytes' 4-bit CPU kernels cannot do on
+    every base (``check_cpu_4bit``); False for a model that is only dequantized."""
+    check_not_quantized(model, quantization)
     config = quantization_config(quantization, compute_dtype)
     if config is None:
         return from_pretrained(AutoModelForCausalLM, model, trust_remote_code)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = from_pretrained(AutoModelForCausalLM, model, trust_remote_code, quantization_config=config,
                              device_map={"": device})
+    if evaluated and torch.device(device).type == "cpu":
+        check_cpu_4bit(loaded, model)
     return prepare_model_for_kbit_training(loaded, gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_cpu_4bit(model: nn.Module, name: str) -> None:
+    """Refuse a base whose 4-bit layers bitsandbytes cannot evaluate on this CPU, before anything is written (it
+    would fail at the first evaluation): on a CPU with AVX512-BF16 it packs them in a layout that needs output
+    widths that are multiples of 32 and input widths that are multiples of the quantization block (64)."""
+    import bitsandbytes
+
+    if not getattr(bitsandbytes.functional, "has_avx512bf16", lambda: False)():
+        return
+    for layer_name, layer in model.named_modules():
+        if isinstance(layer, bitsandbytes.nn.Linear4bit):
+            block = layer.weight.quant_state.blocksize
+            if layer.out_features % 32 or layer.in_features % block:
+                raise ValueError(
+                    f"bitsandbytes cannot evaluate '{name}' in 4 bits on this CPU: its layer '{layer_name}' maps "
+                    f"{layer.in_features} to {layer.out_features} features, and the 4-bit CPU kernels need input "
+                    f"widths that are multiples of {block} and output widths that are multiples of 32. Train it on "
+                    "a GPU, with --load-in-8bit, or unquantized.")
 
 
 def dequantized_causal_lm(model: str, quantization: str, trust_remote_code: bool = False) -> PreTrainedModel:
@@ -217,7 +311,8 @@ def dequantized_causal_lm(model: str, quantization: str, trust_remote_code: bool
     stored). A run's adapter merged into it gives the function the run trained and evaluated. fp32 whatever the
     checkpoint's dtype (transformers would load a bf16 checkpoint in bf16 and round the dequantized weights)."""
     dense = from_pretrained(AutoModelForCausalLM, model, trust_remote_code, dtype=torch.float32)
-    quantized = build_causal_lm(model, quantization, device="cpu", trust_remote_code=trust_remote_code)
+    quantized = build_causal_lm(model, quantization, device="cpu", trust_remote_code=trust_remote_code,
+                                evaluated=False)
     for name, module in quantized.named_modules():
         if isinstance(getattr(module, "weight", None), torch.Tensor) and layer_quantization(module):
             dense.get_submodule(name).weight.data.copy_(dense_weight(module))
@@ -255,10 +350,18 @@ def load_trained_model(run_dir: str, run: dict, dequantize: bool = False,
 
 
 def load_preprocessor(model: str, modality: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer (text) or image processor (image) of ``model``; decoder tokenizers get a pad token."""
+    """The tokenizer (text) or image processor (image) of ``model``; decoder tokenizers get their end-of-text token
+    as pad token; a causal LM's must have an end-of-text token."""
     if modality == "image":
         return from_pretrained(AutoImageProcessor, model, trust_remote_code)
     tokenizer = from_pretrained(AutoTokenizer, model, trust_remote_code)
+    where = _model_file(model, "tokenizer_config.json") or model
+    if modality == CAUSAL_LM_TASK and tokenizer.eos_token is None:
+        raise ValueError(f"The tokenizer of '{model}' has no end-of-text token, which a causal LM learns to end its "
+                         f"texts with: set \"eos_token\" in '{where}', or pass another --model.")
     if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer of '{model}' has no pad token, nor an end-of-text token to pad with: set "
+                             f"\"pad_token\" in '{where}', or pass another --model.")
         tokenizer.pad_token = tokenizer.eos_token  # GPT-2/LLaMA-style tokenizers have none
     return tokenizer
