@@ -11,6 +11,7 @@ import contextlib
 import csv
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -24,7 +25,9 @@ import tenslora.app.sweep.run
 from tenslora.app.cli import main
 from tenslora.app.options import TrainOptions
 from tenslora.app.runs import LOCK_FILE, check_not_busy
+from tenslora.app.sweep.report import markdown_report, select_learning_rates, with_selection
 from tenslora.app.sweep.run import plan, points, run_sweep
+from tenslora.app.sweep.stats import format_estimate, t_interval
 from tenslora.app.train import TrainingDiverged
 from tenslora.files import atomic_destination
 from test_cli import FLAGS, _error_line
@@ -157,6 +160,15 @@ def test_a_sweep_into_a_busy_or_foreign_folder_is_refused(tiny, sweep_dir, tmp_p
     (["--seeds", "zero"], "--seeds takes comma-separated integers"),
     (["--lrs", "fast"], "--lrs takes comma-separated numbers"),
     (["--lrs", "1e-2,0"], "positive learning rates"),
+    (["--lrs", ","], "--lrs takes comma-separated numbers, e.g. 3e-3,5e-3,1e-2; got ','"),  # not the default rate
+    (["--lrs", ""], "--lrs takes comma-separated numbers"),
+    (["--seeds", ","], "--seeds takes comma-separated integers"),
+    # one run folder (lr0.01) for both: trained once, or twice at once with --jobs 2
+    (["--lrs", "0.01,0.0100000001"], "The learning rates 0.01 and 0.0100000001 name the same runs (lr0.01): give "
+                                     "each once, distinct in its first 6 significant digits."),
+    (["--lrs", "1e-2,0.01"], "The learning rates 0.01 and 0.01 name the same runs (lr0.01)"),
+    (["--seeds", "0,1,0", "--jobs", "2"], "The seeds 0 and 0 name the same runs (seed0): give each once."),
+    (["--lora-ranks", "2,2"], "The LoRA ranks 2 and 2 name the same runs (r2)"),
     (["--lrs", "1e-2", "--lr", "1e-2"], "give one of them"),
     (["--lora-ranks", "0,8"], "at least one positive LoRA rank"),
     (["--budgets", "-5"], "Budgets are positive parameter counts"),
@@ -171,14 +183,50 @@ def test_bad_sweep_options_are_one_line_and_exit_code_2(flags, message, tiny, tm
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_failing_run_stops_the_sweep_with_its_error(tiny, tmp_path, capsys):  # noqa: F811
-    """The data folder holds no MRPC files: every run fails in its worker, and the sweep ends with that error."""
+@pytest.mark.parametrize("bad", ["model", "data"])
+def test_a_model_or_data_the_runs_cannot_load_is_refused_before_the_sweep_writes_anything(bad, tiny, tmp_path,  # noqa: F811
+                                                                                         capsys):
+    """Checked once, before the folder (its sweep.json) is created; even with no isoparameter budget to compute."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["sweep", str(tmp_path / "sweep"), "--task", "glue-mrpc", "--data-dir", str(empty), "--model",
-                 str(tiny / "bert"), "--constructions", "qkv_depth", "--seeds", "0,1", "--jobs", "2",
-                 *SWEEP_FLAGS]) == 2
-    assert str(empty) in _error_line(capsys)
+    model, data = (tmp_path / "nowhere", tiny / "mrpc") if bad == "model" else (tiny / "bert", empty)
+    assert main(["sweep", str(tmp_path / "sweep"), "--task", "glue-mrpc", "--data-dir", str(data), "--model",
+                 str(model), "--constructions", "qkv_depth", "--conditions", "isorank", *SWEEP_FLAGS]) == 2
+    assert str(model if bad == "model" else empty) in _error_line(capsys)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_damaged_diverged_record_stops_the_sweep_with_one_line_naming_it(tiny, tmp_path, monkeypatch,  # noqa: F811
+                                                                          capsys):
+    """Read back in each run's own process (--jobs 2): the run's error ends the sweep, as one line."""
+    out, _ = _fake_sweep(tiny, tmp_path, monkeypatch, lambda options: (0.7, 0.7), "--seeds", "0")
+    monkeypatch.undo()
+    records = [out / "runs" / f"{stem}-lr0.01-seed1" / "diverged.json"
+               for stem in ("lora-r2", "qkv_depth-isoparameter-r2")]
+    for record in records:
+        record.parent.mkdir(parents=True)
+        record.write_text('{"diverged_at_step": "soon"}')
+    assert _sweep(tiny, out, "--lora-rank", "2", "--conditions", "isoparameter", "--seeds", "1", "--jobs", "2") == 2
+    line = _error_line(capsys)
+    assert any(f"'{record}': its \"diverged_at_step\" is 'soon'" in line for record in records)
+    assert [record.read_text() for record in records] == ['{"diverged_at_step": "soon"}'] * 2
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda data: data.replace(b",0.01,", b",fast,", 1), "line 2, field 'lr': 'fast' is not a number"),
+    (lambda data: data.replace(b",0.01,0,", b",0.01,,", 1), "line 2 has no 'seed' field"),
+    (lambda data: re.sub(rb"(\n[^\r\n]*)", rb"\1,extra", data, count=1), "line 2 has more fields than the header"),
+    (lambda data: data + b"\xff\xfe\r\n", "it does not parse as CSV"),
+])
+def test_a_damaged_results_file_is_refused_naming_the_file_and_the_field(damage, problem, tiny, tmp_path,  # noqa: F811
+                                                                        monkeypatch, capsys):
+    out, _ = _fake_sweep(tiny, tmp_path, monkeypatch, lambda options: (0.7, 0.7), "--seeds", "0")
+    results = out / "results.csv"
+    results.write_bytes(damage(results.read_bytes()))
+    before = results.read_bytes()
+    assert _sweep(tiny, out, "--lora-rank", "2", "--conditions", "isoparameter", "--seeds", "0") == 2
+    assert f"'{results}' is damaged: {problem}" in _error_line(capsys)
+    assert results.read_bytes() == before
 
 
 def _busy(run_dir: Path) -> bool:
@@ -421,26 +469,46 @@ def test_the_frontier_plots_each_method_at_its_parameters_with_the_spread_over_s
         assert [segment[1][1] - segment[0][1] for segment in bars.get_segments()] == pytest.approx([0.2] * len(x))
 
 
-@pytest.mark.parametrize("score_at_100, answer", [
-    (0.795, "the smallest adapter within 0.01 of it is qkv_depth at 100 (150 parameters, 1.33× fewer): 0.7950."),
-    (0.785, "no smaller adapter is within 0.01 of it."),
+@pytest.mark.parametrize("at_100, answer", [
+    # within a point of LoRA r=2 on validation, though 10 points below it on test: chosen, and its test score shown
+    ((0.795, 0.70), "the smallest adapter within 0.01 of it on validation is qkv_depth at 100 (150 parameters, "
+                    "1.33× fewer): validation 0.7950, test {}."),
+    # level with LoRA on test, but not within a point on validation: not chosen (test would choose it)
+    ((0.785, 0.80), "no smaller adapter is within 0.01 of it on validation."),
 ])
-def test_the_smallest_adapter_within_one_point_of_lora_at_its_largest_rank(score_at_100, answer, tiny,  # noqa: F811
-                                                                           tmp_path, monkeypatch):
-    """LoRA r=2 (200 parameters in the stand-in) scores 0.80, r=1 (100) 0.70, qkv_depth at LoRA's counts
-    (300) 0.70: only qkv_depth at 100 parameters (150) can match r=2 with fewer parameters."""
+def test_the_smallest_adapter_within_one_point_of_lora_is_chosen_on_validation(at_100, answer, tiny,  # noqa: F811
+                                                                               tmp_path, monkeypatch):
+    """LoRA r=2 (200 parameters in the stand-in) scores 0.80 on validation and test, r=1 (100) 0.70, qkv_depth at
+    LoRA's counts (300) 0.70: only qkv_depth at 100 parameters (150) can match r=2 with fewer parameters. Two seeds,
+    whose test scores differ by 0.01: each row's test score comes with its interval."""
     def scores(options):
         if options.construction == "lora":
-            return 0.7, 0.8 if options.ranks == 2 else 0.7
-        return 0.7, score_at_100 if options.budget == "100" else 0.7
+            validation, test = (0.8, 0.8) if options.ranks == 2 else (0.7, 0.7)
+        else:
+            validation, test = at_100 if options.budget == "100" else (0.7, 0.7)
+        return validation, test + 0.01 * options.seed
 
     run_training, _ = _stand_in(scores)
     monkeypatch.setattr(tenslora.app.sweep.run, "run_training", run_training)
     out = tmp_path / "sweep"
     assert _sweep(tiny, out, "--lora-ranks", "1,2", "--budgets", "100", "--conditions", "isoparameter",
-                  "--lr", "0.01", "--seeds", "0") == 0
+                  "--lr", "0.01", "--seeds", "0,1") == 0
     report = (out / "results.md").read_text()
-    assert f"- accuracy: LoRA at lora:2 (200 parameters) scores 0.8000; {answer}" in report
+    lora = format_estimate(t_interval([0.80, 0.81]))
+    assert f"- accuracy: LoRA at lora:2 (200 parameters): validation 0.8000, test {lora}; " in report
+    assert answer.format(format_estimate(t_interval([at_100[1], at_100[1] + 0.01]))) in report
+
+
+@pytest.mark.parametrize("metric", ["matthews_correlation", "f1"])
+def test_the_rate_is_chosen_on_the_task_s_own_metric(metric):
+    """CoLA (Matthews correlation) and MRPC (F1) report accuracy first, which a majority-class guess inflates:
+    accuracy prefers 0.01, the task's own metric 0.1, and 0.1 is chosen."""
+    runs = [{"name": f"lora-r2-lr{lr:g}-seed0", "construction": "lora", "condition": "lora", "budget": "lora:2",
+             "lr": lr, "seed": 0, "ranks": "2", "adapter_parameters": 200, "trainable_parameters": 210,
+             "validation_accuracy": accuracy, f"validation_{metric}": own, "test_accuracy": 0.7, f"test_{metric}": 0.3}
+            for lr, accuracy, own in ((0.01, 0.9, 0.1), (0.1, 0.7, 0.5))]
+    assert select_learning_rates(runs) == {("lora", "lora", "lora:2"): 0.1}
+    assert f"the best mean validation {metric} over the seeds" in markdown_report(with_selection(runs))
 
 
 def test_a_causal_lm_sweep_is_refused_before_anything_is_written(tmp_path):

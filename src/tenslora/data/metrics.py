@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -15,6 +15,14 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "matthews_correlation": matthews_corrcoef,
     "f1": f1_score,  # binary: the F1 of class 1 (MRPC's "equivalent")
 }
+#: The score a task is judged on, the first of these it has: GLUE's own for CoLA (Matthews correlation, which a
+#: majority-class guess cannot inflate as it does accuracy) and MRPC (F1), else accuracy.
+MAIN_METRICS = ("matthews_correlation", "f1", "accuracy")
+
+
+def main_metric(names: Sequence[str]) -> str:
+    """Of a task's metric ``names``, the one it is judged on (``MAIN_METRICS``; else its first)."""
+    return next((name for name in MAIN_METRICS if name in names), names[0])
 
 
 def compute_metrics(spec: TaskSpec, predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:

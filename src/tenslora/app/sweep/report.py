@@ -8,7 +8,7 @@ of a row is chosen on the validation split, and its test scores are reported at 
 - ``results.csv``: every run, with its ``lr`` and ``selected`` (run at its row's chosen rate);
 - ``results.md``: per row, the chosen rate and the test scores over seeds (mean ± std and 95 %
   t-interval); each construction against LoRA at the same budget (paired by seed); the smallest
-  adapter within one point of LoRA's largest rank; skipped budgets;
+  adapter within one point of LoRA's largest rank on validation, with its test score; skipped budgets;
 - ``results.png``: the frontier, test score against adapter parameters, one line per method.
 """
 
@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ...data.metrics import main_metric
 from ...files import atomic_destination, write_atomic
 from ..runs import write_csv
 from .stats import Estimate, format_estimate, paired_difference, t_interval
@@ -30,6 +31,8 @@ RESULTS_FILE = "results.csv"  # every run of the sweep, one per line
 DIVERGED = "diverged_at_step"  # the column of results.csv that marks a run that diverged (it has no scores)
 
 _INTEGER_COLUMNS = ("seed", "adapter_parameters", "trainable_parameters", DIVERGED)
+_REQUIRED_COLUMNS = ("name", "construction", "condition", "budget", "lr", "seed")  # of every run
+_SCORED_COLUMNS = ("ranks", "adapter_parameters", "trainable_parameters")  # of a run that did not diverge
 _FLOAT_PREFIXES = ("test_", "validation_", "wall_time_s", "lr")
 _CONDITION_ORDER = {"lora": 0, "isoparameter": 1, "isorank": 2}
 ONE_POINT = 0.01  # a point of a score on [0, 1]: how far below LoRA's largest rank an adapter may be and still match it
@@ -40,34 +43,65 @@ def row_key(run: dict[str, Any]) -> RowKey:
 
 
 def read_csv(path: Path) -> list[dict[str, Any]]:
-    """The runs of an earlier ``results.csv`` (none if there is none), with their numbers as numbers."""
+    """The runs of an earlier ``results.csv`` (none if there is none), with their numbers as numbers;
+    ``ValueError`` naming the file, the line and the field if it is damaged."""
     if not path.exists():
         return []
-    with open(path, newline="") as handle:
-        runs = list(csv.DictReader(handle))
-    for run in runs:
-        for key, value in list(run.items()):
-            if value == "":  # a metric this run's task does not have
-                del run[key]
-            elif key in _INTEGER_COLUMNS:
-                run[key] = int(value)
-            elif key == "selected":
-                run[key] = value == "True"
-            elif key.startswith(_FLOAT_PREFIXES):
-                run[key] = float(value)
+    runs = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            for run in reader:
+                runs.append(_typed(path, reader.line_num, run))
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise _damaged(path, f"it does not parse as CSV ({error})") from None
     return runs
+
+
+def _typed(path: Path, line: int, run: dict[Any, Any]) -> dict[str, Any]:
+    """One line of ``results.csv``: its fields checked, blank ones (a metric this run's task lacks) dropped."""
+    if None in run:
+        raise _damaged(path, f"line {line} has more fields than the header")
+    run = {key: value for key, value in run.items() if value not in ("", None)}
+    needed = _REQUIRED_COLUMNS if DIVERGED in run else (*_REQUIRED_COLUMNS, *_SCORED_COLUMNS)
+    missing = [key for key in needed if key not in run]
+    if missing:
+        raise _damaged(path, f"line {line} has no {missing[0]!r} field")
+    for key, value in run.items():
+        kind = int if key in _INTEGER_COLUMNS else float if key.startswith(_FLOAT_PREFIXES) else None
+        if key == "selected":
+            run[key] = value == "True"
+        elif kind is not None:
+            try:
+                run[key] = kind(value)
+            except ValueError:
+                expected = "an integer" if kind is int else "a number"
+                raise _damaged(path, f"line {line}, field {key!r}: {value!r} is not {expected}") from None
+    return run
+
+
+def _damaged(path: Path, problem: str) -> ValueError:
+    return ValueError(f"'{path}' is damaged: {problem}. Restore it, or delete it and run the sweep's commands again "
+                      "(finished runs are read back, not trained again).")
 
 
 def metric_columns(runs: Iterable[dict[str, Any]], prefix: str = "test_") -> list[str]:
     return list(dict.fromkeys(key for run in runs for key in run if key.startswith(prefix)))
 
 
+def selection_metric(runs: Iterable[dict[str, Any]]) -> str | None:
+    """The metric the choices are made on (each row's rate, the smallest adapter matching LoRA): the task's own
+    (``main_metric``: Matthews correlation for CoLA, F1 for MRPC, else accuracy); None without scores."""
+    names = [column.removeprefix("validation_") for column in metric_columns(runs, "validation_")]
+    return main_metric(names) if names else None
+
+
 def select_learning_rates(runs: Sequence[dict[str, Any]]) -> dict[RowKey, float]:
-    """Each row's learning rate: the best mean validation score (the task's first metric) over the seeds
-    every rate of the row was run with (over each rate's own seeds if they share none); ties go to the
-    smaller rate. With the economy of ``--select-on-seed`` the only shared seed is the selection seed. A run
-    that diverged scores below any other."""
-    metric = next(iter(metric_columns(runs, "validation_")), None)
+    """Each row's learning rate: the best mean validation score (the task's own metric, ``selection_metric``)
+    over the seeds every rate of the row was run with (over each rate's own seeds if they share none); ties go
+    to the smaller rate. With the economy of ``--select-on-seed`` the only shared seed is the selection seed. A
+    run that diverged scores below any other."""
+    metric = f"validation_{selection_metric(runs)}"
     scores: dict[RowKey, dict[float, dict[int, float]]] = {}
     for run in runs:
         scores.setdefault(row_key(run), {}).setdefault(run["lr"], {})[run["seed"]] = run.get(metric, -math.inf)
@@ -151,7 +185,7 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
     """The rows at their chosen learning rates, the comparisons with LoRA, and the skipped budgets."""
     metrics = metric_columns(runs)
     names = [metric.removeprefix("test_") for metric in metrics]
-    selection = next(iter(metric_columns(runs, "validation_")), "score").removeprefix("validation_")
+    selection = selection_metric(runs) or "score"
     rows = _rows(runs)
     lines = ["# Sweep results", "",
              f"Test scores at each row's learning rate: mean ± standard deviation over seeds [95 % t-interval of "
@@ -175,12 +209,13 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
                           *(format_estimate(differences[m], signed=True) for m in metrics)]
                          for (construction, _, budget), differences in compared))
         lines += ["", *_verdict(compared, metrics, names)]
-    matching = [line for metric in metrics if (line := _smallest_matching(rows, metric))]
+    matching = _smallest_matching(rows, selection)
     if matching:
         lines += ["", "## Smallest adapter within one point of LoRA's largest rank", "",
-                  f"Of every row (LoRA's ranks included), the one with the fewest adapter parameters whose mean test "
-                  f"score is at most {ONE_POINT:g} below the mean of LoRA at its largest rank (means over each "
-                  f"row's seeds; their spread is in the first table).", "", *matching]
+                  f"Of every row (LoRA's ranks included), the one with the fewest adapter parameters whose mean "
+                  f"validation {selection} is at most {ONE_POINT:g} below that of LoRA at its largest rank: chosen on "
+                  f"validation, as the rates are, and reported on test (mean ± standard deviation over the row's "
+                  f"seeds [95 % t-interval]).", "", matching]
     diverged = [run for run in runs if DIVERGED in run]
     if diverged:
         lines += ["", "## Diverged", "", "Runs whose loss became NaN or infinite: a rate at which a row diverged "
@@ -193,23 +228,29 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
 
 
 def _smallest_matching(rows: dict[RowKey, list[dict[str, Any]]], metric: str) -> str | None:
-    """One line: LoRA's largest rank on ``metric`` and the smallest row within one point of it (None
-    without LoRA)."""
-    means = {key: statistics.fmean(scores) for key, group in rows.items()
-             if (scores := _scores(group, metric))}
-    size = {key: rows[key][0]["adapter_parameters"] for key in means}
-    lora = [key for key in means if key[1] == "lora"]
+    """One line: LoRA at its largest rank and the smallest row whose mean validation ``metric`` is within one point
+    of LoRA's, each with its test score (None without LoRA). The choice is made on validation: made on test, it
+    would report the very scores it was picked for."""
+    validation = {key: statistics.fmean(scores) for key, group in rows.items()
+                  if (scores := _scores(group, f"validation_{metric}")) and _scores(group, f"test_{metric}")}
+    size = {key: rows[key][0]["adapter_parameters"] for key in validation}
+    lora = [key for key in validation if key[1] == "lora"]
     if not lora:
         return None
     reference = max(lora, key=size.__getitem__)
-    smallest = min((key for key in means if means[key] >= means[reference] - ONE_POINT), key=size.__getitem__)
-    found = (f"- {metric.removeprefix('test_')}: LoRA at {reference[2]} ({size[reference]:,} parameters) scores "
-             f"{means[reference]:.4f}; ")
+    smallest = min((key for key in validation if validation[key] >= validation[reference] - ONE_POINT),
+                   key=size.__getitem__)
+
+    def scores(key: RowKey) -> str:
+        test = format_estimate(t_interval(_scores(rows[key], f"test_{metric}")))
+        return f"validation {validation[key]:.4f}, test {test}"
+
+    found = f"- {metric}: LoRA at {reference[2]} ({size[reference]:,} parameters): {scores(reference)}; "
     if smallest == reference:
-        return found + f"no smaller adapter is within {ONE_POINT:g} of it."
-    return found + (f"the smallest adapter within {ONE_POINT:g} of it is {smallest[0]} at {smallest[2]} "
+        return found + f"no smaller adapter is within {ONE_POINT:g} of it on validation."
+    return found + (f"the smallest adapter within {ONE_POINT:g} of it on validation is {smallest[0]} at {smallest[2]} "
                     f"({size[smallest]:,} parameters, {size[reference] / size[smallest]:.3g}× fewer): "
-                    f"{means[smallest]:.4f}.")
+                    f"{scores(smallest)}.")
 
 
 def _verdict(compared: Sequence[tuple[RowKey, dict[str, Estimate]]], metrics: Sequence[str],

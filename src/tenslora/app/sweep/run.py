@@ -29,8 +29,8 @@ from ...core.construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from ...data import CAUSAL_LM_TASK
 from ...data.metrics import METRICS
 from ...files import write_json
-from ..inputs import task_spec
-from ..modeling import default_model, load_model_config
+from .. import inputs
+from ..modeling import default_model, load_model_config, load_preprocessor
 from ..options import TrainOptions, adapter_config, default_value
 from ..params import format_ranks
 from ..runs import LOCK_FILE, folder_lock, read_json
@@ -181,7 +181,12 @@ def train_or_diverge(options: TrainOptions) -> dict[str, Any]:
     sweep run again reads it back rather than training the run again."""
     record = Path(options.output_dir) / DIVERGED_FILE
     if record.is_file():
-        return read_json(record)
+        diverged = read_json(record, required=(DIVERGED,))
+        step = diverged[DIVERGED]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"'{record}': its \"{DIVERGED}\" is {step!r}, not the step a run diverged at. It was "
+                             "changed or damaged outside TensLoRA; restore it, or delete it to train that run again.")
+        return {DIVERGED: step}
     try:
         return run_training(options)
     except TrainingDiverged as error:
@@ -266,9 +271,25 @@ def _busy(sweep_dir: Path) -> ValueError:
                       "wait for it to finish, or sweep into another folder.")
 
 
-def model_config_of(base: TrainOptions) -> Any:
-    """The config of the model the runs fine-tune (the task's default model unless one is given)."""
-    return load_model_config(base.model or default_model(task_spec(base).modality), base.trust_remote_code)
+def checked_model_config(base: TrainOptions) -> Any:
+    """The config of the model the runs fine-tune (the task's default model unless one is given), once the
+    task's data and the model's pre-processor are known to load: what every run would find wrong first."""
+    data = inputs.load(base)
+    model = base.model or default_model(data.modality)
+    load_preprocessor(model, data.modality, base.trust_remote_code)
+    return load_model_config(model, base.trust_remote_code)
+
+
+def refuse_repeats(what: str, values: Sequence[Any], label: str) -> None:
+    """Two values that name the same runs (run folders hold a rate to 6 significant digits: ``lr0.01`` for 0.01 and
+    0.0100000001) would train a run twice, or twice at once in one folder: ``ValueError``."""
+    names: dict[str, list[Any]] = {}
+    for value in values:
+        names.setdefault(f"{label}{value:g}" if isinstance(value, float) else f"{label}{value}", []).append(value)
+    for name, same in names.items():
+        if len(same) > 1:
+            raise ValueError(f"The {what} {' and '.join(map(str, same))} name the same runs ({name}): give each once"
+                             + (", distinct in its first 6 significant digits." if isinstance(same[0], float) else "."))
 
 
 def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequence[int] = (8,),
@@ -296,11 +317,15 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
                          f"(got {lrs}).")
     if select_on_seed is not None and select_on_seed not in seeds:
         raise ValueError(f"The selection seed {select_on_seed} is not among the seeds {list(seeds)}; add it to them.")
+    for what, values, label in (("learning rates", lrs, "lr"), ("seeds", seeds, "seed"),
+                                ("LoRA ranks", lora_ranks, "r"), ("budgets", budgets, "p"),
+                                ("constructions", constructions, ""), ("conditions", conditions, "")):
+        refuse_repeats(what, values, label)
     runs = plan(base, sweep_dir, candidates, seeds, lrs)  # every run's options checked before anything is loaded
     shared = shared_options(base)
+    model_config = checked_model_config(base)  # a model or data the runs cannot load is refused before any write
     with folder_lock(sweep_dir, _busy):  # one sweep at a time writes the folder's reports
         notes = recorded_notes(sweep_dir, shared)
-        model_config = model_config_of(base) if any(p.condition == "isoparameter" for p in candidates) else None
         planned, skipped = reachable(candidates, base, model_config)
         for note in skipped:
             print(note, flush=True)
