@@ -40,6 +40,7 @@ from .modeling import (
     build_causal_lm,
     build_classifier,
     default_model,
+    load_model_config,
     load_preprocessor,
     load_trained_model,
     resolve_pooling,
@@ -136,6 +137,8 @@ def prepare(options: TrainOptions) -> Prepared:
     with process_state().main_process_first():  # one process fills the datasets cache, the others read it
         data = inputs.load(options)
     model_name = options.model or default_model(data.modality)
+    if data.modality == CAUSAL_LM_TASK:  # before its tokenizer, which an encoder's fails for want of end-of-text
+        check_decoder(load_model_config(model_name, options.trust_remote_code), model_name)
     # first: it names a model that cannot be loaded
     preprocessor = load_preprocessor(model_name, data.modality, options.trust_remote_code)
     set_seed(options.seed)  # the head's and the adapter's initialization
@@ -166,10 +169,8 @@ def base_model(options: TrainOptions, model_name: str, data: inputs.TaskData, pr
     in bfloat16 where the run trains in it), or a classifier with a new head over the data's classes."""
     if data.modality == CAUSAL_LM_TASK:
         compute_dtype = torch.bfloat16 if use_bf16(options.bf16) else torch.float32
-        model = build_causal_lm(model_name, options.quantization, compute_dtype, process_state().device,
-                                options.trust_remote_code)
-        check_decoder(model.config, model_name)
-        return model, None
+        return build_causal_lm(model_name, options.quantization, compute_dtype, process_state().device,
+                               options.trust_remote_code), None
     pooling = resolve_pooling(model_name, options.pooling) if data.modality == "text" else None
     return build_classifier(model_name, data.labels, data.modality, pooling,
                             pad_token_id=getattr(preprocessor, "pad_token_id", None),
