@@ -3,15 +3,13 @@
 import re
 
 import pytest
-import tensorly as tl
 import torch
 from peft import get_peft_model
 
 import tenslora
+from dense import expected_update, role_widths
 from tenslora import TensLoraConfig, TensLoraLayer
 from tiny import MODELS, inputs
-
-tl.set_backend("pytorch")
 
 COMBINATIONS = [(c, f) for c in sorted(tenslora.CONSTRUCTIONS) for f in ("tucker", "cp")]
 # Role of a module from its name, written independently of the library's pattern table.
@@ -36,28 +34,6 @@ def _config(construction, factorization, **kwargs):
                           scaling=0.5, **kwargs)
 
 
-def _expected_delta(bank, construction, factorization, role, layer, geometry):
-    """Dense update of (role, layer) from tensorly's full tensor, the head layout written out."""
-    spec = tenslora.CONSTRUCTIONS[construction]
-    tensor_name = "_".join(([] if spec.stack_roles else [role]) + ([] if spec.stack_layers else [f"layer{layer}"]))
-    tensor = bank.tensors[tensor_name or "all"]
-    factors = [tensor.factors[m] for m in spec.modes]
-    full = (tl.tucker_to_tensor((tensor.core, factors)) if factorization == "tucker"
-            else tl.cp_to_tensor((torch.ones(tensor.rank), factors)))
-    if spec.stack_layers:
-        full = full[..., layer]
-    if spec.stack_roles:
-        full = full[..., geometry.roles.index(role)]
-    if spec.split_heads:
-        d_in, head_dim, heads = full.shape
-        dense = full.permute(2, 1, 0).reshape(heads * head_dim, d_in)
-    else:
-        dense = full.T
-    width = geometry.role_width(role)
-    dense = dense[:width]
-    return (dense.T if role == "o" else dense) * 0.5
-
-
 @pytest.mark.parametrize("model_name", sorted(MODELS))
 @pytest.mark.parametrize(("construction", "factorization"), COMBINATIONS)
 def test_adapter_matches_dense_oracle_and_merges(model_name, construction, factorization):
@@ -66,12 +42,13 @@ def test_adapter_matches_dense_oracle_and_merges(model_name, construction, facto
     reference = base(**batch).logits
     model = get_peft_model(base, _config(construction, factorization, init_weights=False))
     bank = model.base_model.tenslora_tensors["default"]
-    geometry = bank.geometry
+    geometry, widths = bank.geometry, role_widths(base.config)
     adapted = {n: m for n, m in model.named_modules() if isinstance(m, TensLoraLayer)}
     assert sorted({_role(n) for n in adapted}) == sorted(ROLES) and len(adapted) == 4 * geometry.num_layers
     deltas = {}
     for name, layer in adapted.items():
-        expected = _expected_delta(bank, construction, factorization, _role(name), _layer(name), geometry)
+        expected = 0.5 * expected_update(bank, construction, ROLES, _role(name), _layer(name), widths,
+                                         geometry.num_layers)
         deltas[name] = expected
         torch.testing.assert_close(layer.get_delta_weight("default"), expected, atol=1e-5, rtol=1e-4)
         x = torch.randn(2, 5, layer.in_features)

@@ -4,19 +4,16 @@ reconstruction, merging, parameter counts, per-family ranks, and parity with PEF
 import copy
 
 import pytest
-import tensorly as tl
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import tenslora
-from dense import dense_slice, dense_tensor
+from dense import expected_update, role_widths
 from tenslora import TensLoraConfig
 from tenslora.app.cli import main
 from tenslora.app.params import format_parameter_table
-from tenslora.core.construction import CONSTRUCTIONS, get_construction
+from tenslora.core.construction import CONSTRUCTIONS
 from tiny import bert, distilbert, gpt2, inputs, llama
-
-tl.set_backend("pytorch")
 
 #: Where each role's module is, per model (the test's own map, not the library's table).
 MODULES = {
@@ -32,36 +29,7 @@ MODULES = {
              "up": "bert.encoder.layer.{}.intermediate.dense", "down": "bert.encoder.layer.{}.output.dense"},
 }
 BUILD = {"llama": llama, "gpt2": gpt2, "bert": bert}
-ATTENTION, MLP = ("q", "k", "v", "o"), ("gate", "up", "down")
 SCALING = 0.5
-
-
-def expected_update(bank, construction: str, roles: tuple[str, ...], role: str, layer: int,
-                    widths: dict[str, int], layers: int = 2) -> torch.Tensor:
-    """The (d_out x d_in) update of ``role`` in ``layer``, read from tensorly's full tensor by this test's own rules:
-    one tensor per family, att_* splits heads only for attention, k/v rows are the first ones, o/down transposed,
-    a fused mode indexed role * L + layer."""
-    spec = get_construction(construction)
-    family = MLP if role in MLP else ATTENTION
-    family_roles = [r for r in roles if r in family]
-    name = "" if family is ATTENTION else "mlp"
-    key = "_".join(p for p in [name if spec.stack_roles else role, "" if spec.stack_layers else f"layer{layer}"] if p)
-    tensor = bank.tensors[key or "all"]
-    assert role not in MLP or tensor.modes[1] == "out"  # no head split on MLP tensors
-    if spec.fused:
-        index = {"qkv_depth": family_roles.index(role) * layers + layer}
-    else:
-        index = {"qkv": family_roles.index(role)} if spec.stack_roles else {}
-        index |= {"depth": layer} if spec.stack_layers else {}
-    update = dense_slice(dense_tensor(tensor), tensor.modes, index)[: widths[role]]
-    return update.T if role in ("o", "down") else update
-
-
-def role_widths(config) -> dict[str, int]:
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    kv = (getattr(config, "num_key_value_heads", None) or heads) * (hidden // heads)
-    ffn = getattr(config, "intermediate_size", None) or 4 * hidden  # GPT-2: n_inner=None means 4 x hidden
-    return {"q": hidden, "k": kv, "v": kv, "o": hidden, "gate": ffn, "up": ffn, "down": ffn}
 
 
 def outputs(model, name: str) -> torch.Tensor:

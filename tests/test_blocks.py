@@ -6,20 +6,17 @@ import copy
 import math
 
 import pytest
-import tensorly as tl
 import torch
 import torch._dynamo as dynamo
 import transformers
 from peft import PeftModel, get_peft_model
 
 import tenslora
-from dense import dense_tensor
+from dense import expected_update
 from tenslora import TensLoraConfig
 from test_all_linear import MODULES as ALL_LINEAR_MODULES
 from test_all_linear import adapter_numel, outputs
 from tiny import TEXT, bert, gemma, gpt2, inputs, llama
-
-tl.set_backend("pytorch")
 
 #: Where each role's module is, per model (Gemma names them as LLaMA does); slots follow q, k, v, o, gate, up, down.
 MODULES = {**ALL_LINEAR_MODULES, "gemma": ALL_LINEAR_MODULES["llama"]}
@@ -35,28 +32,6 @@ D, LAYERS, SCALING = 32, 2, 0.5
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
 
 
-def expected_update(bank, name: str, construction: str, role: str, layer: int) -> torch.Tensor:
-    """The (d_out x d_in) update of ``role`` in ``layer`` by this test's own rules: the layer's slots are the roles'
-    blocks in role order, ceil(width / 32) each; a role's blocks stacked along the wide side, cropped to its
-    width; o and down transposed."""
-    widths = WIDTHS[name]
-    first = sum(math.ceil(widths[r] / D) for r in list(widths)[: list(widths).index(role)])
-    count = math.ceil(widths[role] / D)
-    slot_count = sum(math.ceil(w / D) for w in widths.values())
-    tensor = bank.tensors["blocks" if construction != "qkv" else f"blocks_layer{layer}"]
-    full = dense_tensor(tensor)  # in, out, then qkv, depth | qkv_depth | qkv
-    if construction == "qkv_depth":
-        blocks = [full[:, :, slot, layer] for slot in range(first, first + count)]
-    elif construction == "fused_qkv_depth":
-        assert full.shape[2] == slot_count * LAYERS
-        blocks = [full[:, :, slot * LAYERS + layer] for slot in range(first, first + count)]
-    else:
-        blocks = [full[:, :, slot] for slot in range(first, first + count)]
-    assert full.shape[:2] == (D, D) and (construction == "fused_qkv_depth" or full.shape[2] == slot_count)
-    update = torch.cat([block.T for block in blocks])[: widths[role]]  # (wide side) x (residual side)
-    return update.T if role in ("o", "down") else update
-
-
 @pytest.mark.parametrize(("construction", "factorization"),
                          [("qkv_depth", "tucker"), ("fused_qkv_depth", "tucker"), ("qkv", "cp"), ("qkv_depth", "tt")])
 @pytest.mark.parametrize("name", ["bert", "llama", "gemma", "gpt2"])
@@ -68,7 +43,11 @@ def test_blocks_are_the_dense_update_of_every_projection(name, construction, fac
                             layout="blocks", scaling=SCALING, init_weights=False)
     model = get_peft_model(base, config)
     bank = model.base_model.tenslora_tensors["default"]
-    assert bank.geometry.roles == tuple(MODULES[name])
+    roles = tuple(MODULES[name])
+    assert bank.geometry.roles == roles
+    slot_count = sum(math.ceil(width / D) for width in WIDTHS[name].values())
+    for tensor in bank.tensors.values():  # d x d slices, the layer's slots along the role mode (or fused with depth)
+        assert list(tensor.sizes.values())[:3] == [D, D, slot_count * (LAYERS if tensor.modes[2] == "qkv_depth" else 1)]
 
     modules = dict(reference.named_modules())
     with torch.no_grad():
@@ -78,7 +57,8 @@ def test_blocks_are_the_dense_update_of_every_projection(name, construction, fac
             for role in MODULES[name]:
                 by_module.setdefault(MODULES[name][role].format(layer), []).append(role)
             for module_name, fused in by_module.items():
-                delta = SCALING * torch.cat([expected_update(bank, name, construction, r, layer) for r in fused])
+                delta = SCALING * torch.cat([expected_update(bank, construction, roles, r, layer, WIDTHS[name], LAYERS,
+                                                             "blocks") for r in fused])
                 weight = modules[module_name].weight
                 weight += delta.T if name == "gpt2" else delta  # Conv1D stores (in, out)
         expected = outputs(reference, name)
@@ -143,23 +123,40 @@ def test_blocks_save_and_load(tmp_path):
         torch.testing.assert_close(outputs(loaded, "llama"), expected)
 
 
+def block_ranks_and_count(construction: str, factorization: str, r: int) -> tuple[list[int], int]:
+    """The ranks and parameters of LLaMA's all-linear block tensor at common rank r, by this test's own sums: 10
+    slots a layer (q, k, v, o one block each; gate, up, down two, d_ffn 37 > d), 2 layers."""
+    sizes = {"qkv_depth": [D, D, 10, LAYERS], "fused_qkv_depth": [D, D, 10 * LAYERS]}[construction]
+    if factorization == "cp":
+        return [r], r * sum(sizes)
+    if factorization == "tucker":
+        ranks = [min(r, n) for n in sizes]
+        return ranks, sum(n * k for n, k in zip(sizes, ranks, strict=True)) + math.prod(ranks)
+    ranks = [min(r, math.prod(sizes[:k]), math.prod(sizes[k:])) for k in range(1, len(sizes))]
+    edges = [1, *ranks, 1]
+    return ranks, sum(edges[k] * n * edges[k + 1] for k, n in enumerate(sizes))
+
+
 @pytest.mark.parametrize(("construction", "factorization"), [("qkv_depth", "tucker"), ("fused_qkv_depth", "tt"),
                                                              ("qkv_depth", "cp")])
 def test_match_budget_on_blocks(construction, factorization):
+    """The closest common rank to LoRA r=4's all-linear count, its ranks and count checked by hand, and the model."""
     base = llama()
     budget = tenslora.lora_parameter_count(4, base.config, "all-linear")
+    assert budget == 4 * LAYERS * (2 * (D + D) + 2 * (D + 16) + 3 * (D + 37))  # q, o; k, v (GQA); gate, up, down
     ranks = tenslora.match_budget(construction, factorization, budget, base.config, roles="all-linear",
                                   layout="blocks")
     assert not (isinstance(ranks, dict) and "attention" in ranks)  # one spec for the one kind of tensor
+    r = ranks if isinstance(ranks, int) else max(ranks.values())
+    expected_ranks, expected_count = block_ranks_and_count(construction, factorization, r)
+    closest = min(range(1, 100), key=lambda k: abs(block_ranks_and_count(construction, factorization, k)[1] - budget))
+    assert r == closest
     config = TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks, roles="all-linear",
                             layout="blocks")
-    count = tenslora.count_parameters(config, base.config)
-    assert adapter_numel(get_peft_model(base, config)) == count and abs(count - budget) / budget < 0.15
-    assert tenslora.resolved_ranks(config, base.config) == model_ranks(config)
-
-
-def model_ranks(config: TensLoraConfig):
-    return get_peft_model(llama(), config).base_model.tenslora_tensors["default"].ranks
+    resolved = tenslora.resolved_ranks(config, base.config)
+    assert (list(resolved.values()) if isinstance(resolved, dict) else [resolved]) == expected_ranks
+    assert tenslora.count_parameters(config, base.config) == expected_count
+    assert adapter_numel(get_peft_model(base, config)) == expected_count
 
 
 def test_blocks_compile_without_graph_break_and_run_under_inference_mode():
