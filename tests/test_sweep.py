@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import tenslora.app.sweep.run
+import tiny_llm
 from tenslora.app.cli import main
 from tenslora.app.options import TrainOptions
 from tenslora.app.runs import LOCK_FILE, check_not_busy
@@ -511,9 +512,27 @@ def test_the_rate_is_chosen_on_the_task_s_own_metric(metric):
     assert f"the best mean validation {metric} over the seeds" in markdown_report(with_selection(runs))
 
 
-def test_a_causal_lm_sweep_is_refused_before_anything_is_written(tmp_path):
-    (tmp_path / "data.jsonl").write_text('{"text": "the cat sat"}\n')
-    options = TrainOptions(task="causal-lm", train_file=str(tmp_path / "data.jsonl"), model=str(tmp_path))
-    with pytest.raises(ValueError, match="--task causal-lm is not supported by the sweep"):
+def test_a_causal_lm_sweep_of_plain_texts_is_refused_before_anything_is_written(tmp_path):
+    """Plain texts give a causal LM a loss only (lower is better): nothing a sweep can select on."""
+    tiny_llm.save_model_folder(tmp_path / "llama")
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"text": "{text}"}}\n' for text in tiny_llm.sentences(20)))
+    options = TrainOptions(task="causal-lm", train_file=str(tmp_path / "data.jsonl"), model=str(tmp_path / "llama"))
+    with pytest.raises(ValueError, match="exact match of its greedy answers"):
         run_sweep(options, tmp_path / "sweep")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_causal_lm_sweep_selects_and_reports_on_exact_match(tmp_path):
+    """LoRA against a construction on prompt/completion data: every run records the exact match of its answers on
+    validation and test, and the rate of each row is chosen on the validation one."""
+    tiny_llm.save_model_folder(tmp_path / "llama")
+    pairs = zip(tiny_llm.sentences(40, 1, 4), tiny_llm.sentences(40, 2, 2), strict=True)
+    (tmp_path / "pairs.jsonl").write_text("".join(f'{{"prompt": "{prompt}", "completion": " {completion}"}}\n'
+                                                  for prompt, completion in pairs))
+    options = TrainOptions(task="causal-lm", train_file=str(tmp_path / "pairs.jsonl"), model=str(tmp_path / "llama"),
+                           roles="q,v", max_steps=2, batch_size=8, max_length=16, bf16=False)
+    rows = run_sweep(options, tmp_path / "sweep", lora_ranks=(1,), constructions=("qkv_depth",),
+                     conditions=("isoparameter",), seeds=(0,), lrs=(1e-2, 2e-2))
+    assert len(rows) == 4 and all(0 <= row["validation_exact_match"] <= 1 and 0 <= row["test_exact_match"] <= 1
+                                  for row in rows)
+    assert "the best mean validation exact_match over the seeds" in (tmp_path / "sweep" / "results.md").read_text()

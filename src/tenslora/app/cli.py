@@ -48,7 +48,9 @@ FILE_ERRNOS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT:
                errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
                errno.EROFS: "write elsewhere", errno.EISDIR: "give a file, not a folder",
                errno.ENOTDIR: "a file stands where a folder is expected", errno.EEXIST: "choose another path",
-               errno.ENOENT: "check the path", errno.ENAMETOOLONG: "use a shorter path"}
+               errno.ENOENT: "check the path", errno.ENAMETOOLONG: "use a shorter path",
+               errno.EFBIG: "raise the file-size limit (`ulimit -f`) or write elsewhere",
+               errno.EBUSY: "it is in use (a mount point, the current folder): choose another path"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -214,7 +216,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        f"a rate on either side, at most {MAX_WIDENINGS} times a row (needs two --lrs or more)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with --threads "
                        "threads (default: 1; on a CPU machine: cores / threads)")
-    _add_data_arguments(parser)
+    _add_data_arguments(parser, causal_lm=True)
     _add_model_arguments(parser)
     _add_adapter_arguments(parser.add_argument_group("adapter (the same in every run)"))
     _add_optimization_arguments(parser)

@@ -15,9 +15,13 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "matthews_correlation": matthews_corrcoef,
     "f1": f1_score,  # binary: the F1 of class 1 (MRPC's "equivalent")
 }
+#: A causal LM's score on prompts and completions: greedy answers equal to the completion (app/generation.py).
+GENERATION_METRICS = ("exact_match",)
+#: Every score where higher is better: what a sweep records and compares.
+SCORES = (*METRICS, *GENERATION_METRICS)
 #: The score a task is judged on, the first of these it has: GLUE's own for CoLA (Matthews correlation, which a
-#: majority-class guess cannot inflate as it does accuracy) and MRPC (F1), else accuracy.
-MAIN_METRICS = ("matthews_correlation", "f1", "accuracy")
+#: majority-class guess cannot inflate as it does accuracy) and MRPC (F1), a causal LM's exact match, else accuracy.
+MAIN_METRICS = ("matthews_correlation", "f1", "exact_match", "accuracy")
 
 
 def main_metric(names: Sequence[str]) -> str:

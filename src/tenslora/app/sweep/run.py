@@ -27,7 +27,8 @@ from typing import Any
 
 from ...core.construction import CONSTRUCTIONS, PRESETS, TENSOR_CONSTRUCTIONS
 from ...data import CAUSAL_LM_TASK
-from ...data.metrics import METRICS
+from ...data.causal_lm import is_paired
+from ...data.metrics import SCORES
 from ...files import write_json
 from .. import inputs
 from ..modeling import default_model, load_model_config, load_preprocessor
@@ -236,8 +237,8 @@ def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
     return {**row, "factorization": adapter["factorization"],
             "ranks": format_ranks(adapter["ranks"]), "adapter_parameters": metrics["adapter_parameters"],
             "trainable_parameters": metrics["trainable_parameters"],
-            **{f"validation_{name}": value for name, value in metrics["validation"].items() if name in METRICS},
-            **{f"test_{name}": value for name, value in metrics["test"].items() if name in METRICS},
+            **{f"validation_{name}": value for name, value in metrics["validation"].items() if name in SCORES},
+            **{f"test_{name}": value for name, value in metrics["test"].items() if name in SCORES},
             "wall_time_s": metrics["wall_time_s"]}
 
 
@@ -275,6 +276,10 @@ def checked_model_config(base: TrainOptions) -> Any:
     """The config of the model the runs fine-tune (the task's default model unless one is given), once the
     task's data and the model's pre-processor are known to load: what every run would find wrong first."""
     data = inputs.load(base)
+    if data.modality == CAUSAL_LM_TASK and not is_paired(data.splits["train"]):
+        raise ValueError(f"A sweep compares scores that are higher when better; a --task {CAUSAL_LM_TASK} run has one "
+                         "(exact match of its greedy answers) only on prompt and completion columns or a messages "
+                         "column: give such data, or train plain texts with `tenslora train` run by run.")
     model = base.model or default_model(data.modality)
     load_preprocessor(model, data.modality, base.trust_remote_code)
     return load_model_config(model, base.trust_remote_code)
@@ -304,9 +309,6 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
     With ``widen`` a row whose chosen rate is at an edge of those tried gets the next rate beyond it.
     """
     sweep_dir = Path(sweep_dir)
-    if base.task == CAUSAL_LM_TASK:  # its score is a loss (lower is better); selection and plots read accuracies
-        raise ValueError(f"`tenslora sweep` compares classification scores; --task {CAUSAL_LM_TASK} is not supported "
-                         "by the sweep: run `tenslora train --task causal-lm` once per configuration instead.")
     lrs = list(lrs) or [base.lr]
     candidates = points(lora_ranks, constructions, conditions, budgets)
     if not seeds or min(lrs) <= 0:
