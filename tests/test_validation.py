@@ -356,6 +356,15 @@ def test_config_files_that_cannot_be_read(tmp_path, capsys):
     assert "not found" in _assert_one_line_error(capsys, _run(["train", "--config", str(tmp_path)]), "--config")
 
 
+def test_options_read_ranks_by_the_config_rule():
+    """One rank rule (resolve_ranks): the options take what TensLoraConfig takes ('full' in a list too) and refuse the
+    rest with its message, which names the construction's modes."""
+    assert TrainOptions(ranks=["4", 4, "full", 2]).ranks == [4, 4, "full", 2] == \
+        tenslora.TensLoraConfig(construction="qkv_depth", ranks=["4", 4, "full", 2]).ranks
+    with pytest.raises(ValidationError, match=r"'qkv_depth' construction has 4 modes \['in', 'out', 'qkv', 'depth'\]"):
+        TrainOptions(ranks=[4, 4])
+
+
 def test_ranks_per_family_and_the_block_layout_reach_the_adapter(tmp_path):
     """A config file gives each family its own ranks; --layout blocks with a budget matches it over the block tensor."""
     (tmp_path / "options.yaml").write_text("roles: all-linear\nranks:\n  attention: 4\n  mlp: {in: 2, out: '3', "

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from ..core.construction import FAMILIES, preset_fixed_ranks
+from ..core.construction import preset_fixed_ranks, read_ranks
 from ..data import BUILTIN_TASKS, CAUSAL_LM_TASK, CUSTOM_TASK, DEFAULT_TASK, FILE_TASKS
 from ..tuner.budgets import lora_parameter_count, match_budget
 from ..tuner.config import TensLoraConfig
@@ -47,9 +47,6 @@ Number = Annotated[float, BeforeValidator(_no_bool), Field(allow_inf_nan=False)]
 Integer = Annotated[int, BeforeValidator(_no_bool)]
 Positive = Annotated[Integer, Field(gt=0)]
 Text = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
-ModeRanks = Union[Integer, list[Integer], dict[str, Union[Integer, Literal["full"]]]]
-#: One spec for every tensor, or one per family (``{attention: ..., mlp: ...}``).
-Ranks = Union[ModeRanks, dict[str, ModeRanks]]
 
 #: Options that may name local files or folders (``model`` may also be a hub id).
 PATH_OPTIONS = ("data_dir", "train_file", "validation_file", "test_file", "image_root", "model")
@@ -105,7 +102,7 @@ class TrainOptions:
     # The adapter
     construction: Text = "qkv_depth"
     factorization: Optional[Text] = None
-    ranks: Ranks = 8
+    ranks: Any = 8  # 8, [8, 8, 3, 4], {in: 8, ..., depth: full} or per family: checked by TensLoraConfig
     budget: Optional[Text] = None  # "lora:8" (LoRA rank 8's parameter count) or a number of parameters
     scaling: Number = 1.0
     dropout: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
@@ -134,7 +131,7 @@ class TrainOptions:
     @field_validator("ranks", mode="before")
     @classmethod
     def _parse_ranks(cls, value: Any) -> Any:
-        return parse_ranks(value) if isinstance(value, str) else check_rank_shape(value)
+        return parse_ranks(value) if isinstance(value, str) else read_ranks(value)
 
     @field_validator("roles", mode="before")
     @classmethod
@@ -371,30 +368,6 @@ def parse_ranks(ranks: str) -> Union[int, list, dict]:
     if not values:
         raise ValueError(f"Cannot read ranks '{ranks}': use 8, 8,8,3,4 or in=8,out=8,qkv=3,depth=4.")
     return values[0] if len(values) == 1 else values
-
-
-def check_rank_shape(ranks: Any) -> Any:
-    """``ranks`` as an int, a list of ints or a mapping of mode name to int or ``"full"`` (numeric strings read
-    as ints), or a mapping of family (attention, mlp) to any of those; their values are checked against the
-    construction later."""
-    if isinstance(ranks, dict) and ranks and set(ranks) <= set(FAMILIES):
-        return {family: check_rank_shape(spec) for family, spec in ranks.items()}
-    def rank(value: Any, full: bool = False) -> Any:
-        if full and value == "full":
-            return value
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError("ranks must be an integer, a list of integers (one per mode) or a mapping of mode names "
-                         "to integers or 'full', e.g. 8, [8, 8, 3, 4] or {in: 8, out: 8, qkv: 3, depth: full} (or a "
-                         f"mapping of family, attention and mlp, to one of those); got {ranks!r}")
-
-    if isinstance(ranks, list) and ranks:
-        return [rank(value) for value in ranks]
-    if isinstance(ranks, dict) and ranks:
-        return {str(mode): rank(value, full=True) for mode, value in ranks.items()}
-    return rank(ranks)
 
 
 def parse_budget(budget: str) -> tuple[Optional[int], Optional[int]]:

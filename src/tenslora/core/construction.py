@@ -349,6 +349,17 @@ def slice_index(construction: Construction, geometry: Geometry, role: str, layer
     return index_of(construction, role_position, layer_position, geometry.num_layers)
 
 
+def read_ranks(value: object) -> object:
+    """A rank spec as Python, a config file or a saved adapter gives it: digit strings become ints, in lists and
+    (family- or mode-keyed) dicts too. ``"full"`` and anything else are left as they are, for ``resolve_ranks``, the
+    one place that checks a spec, to say what is wrong."""
+    if isinstance(value, Mapping):
+        return {key: read_ranks(rank) for key, rank in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [read_ranks(rank) for rank in value]
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+
 def _positive_rank(name: str, value: object, kind: str = "mode") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"The rank of {kind} '{name}' must be a positive integer (or 'full'), got {value!r}.")

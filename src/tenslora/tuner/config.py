@@ -20,6 +20,7 @@ from ..core.construction import (
     expand_preset,
     get_construction,
     parse_roles,
+    read_ranks,
     resolve_ranks,
 )
 from .peft_type import tenslora_peft_type
@@ -60,16 +61,6 @@ def _flag(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be true or false, got {value!r}.")
     return value
-
-
-def _ranks(value: object) -> object:
-    """Digit strings become ints, in lists and (family- or mode-keyed) dicts too; "full" and anything else are
-    left to ``resolve_ranks``, which says what is wrong."""
-    if isinstance(value, Mapping):
-        return {key: _ranks(rank) for key, rank in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_ranks(rank) for rank in value]
-    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 def _regex(what: str, pattern: object, layer_group: bool = False) -> str:
@@ -200,7 +191,7 @@ class TensLoraConfig(PeftConfig):
         for name in ("construction", "factorization"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"`{name}` must be a name (a string), got {getattr(self, name)!r}.")
-        self.ranks = _ranks(self.ranks)
+        self.ranks = read_ranks(self.ranks)
         if self.construction in PRESETS:
             construction, factorization, self.ranks = expand_preset(self.construction, self.ranks)
             if self.factorization not in (None, factorization):
