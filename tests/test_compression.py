@@ -14,7 +14,6 @@ from tensorly.decomposition import tensor_train, tucker
 import tenslora
 from tenslora import TensLoraConfig, compress_adapter, from_lora
 from tenslora.app.cli import main
-from tenslora.core.budget import count_adapter_parameters
 from tenslora.core.tensors.tucker import TuckerTensor
 from tenslora.core.truncation import energy_rank, fit, truncate_tt, truncate_tucker, tt_to_dense, tucker_to_dense
 from tenslora.transfer.refit import delta_weights, relative_error
@@ -180,16 +179,33 @@ def test_compression_refusals():
     assert report.ranks_after == {"in": 4, "out": 2, "qkv": 2, "depth": 2}  # never above the adapter's own
 
 
-def test_budget_picks_match_budget_ranks():
+def test_a_budget_is_a_ceiling():
+    """BERT, q, k, v, o in qkv_depth (in 32, out 32, qkv 4, depth 2): a common rank r has 64 r + 4 r + 2 min(r, 2) +
+    r^3 min(r, 2) parameters: 71 at r = 1, 156 at r = 2. A budget of 150 gets r = 1 (the closest count, 156, is
+    over it); below 71 nothing fits, and the adapter is left as it was."""
     model = _adapted("bert-qkv_depth")
-    model_config = model.base_model.model.config
-    assert tenslora.match_budget("qkv_depth", "tucker", 150, model_config) != model.peft_config["default"].ranks
+    assert tenslora.match_budget("qkv_depth", "tucker", 150, model.base_model.model.config)["in"] == 2  # closest
+    expected = _logits(model)
+    for too_small in (70, "lora:4"):
+        with pytest.raises(ValueError, match="fit within a budget of 70 parameters: the smallest adapter has 71"
+                           if too_small == 70 else r"`budget` must be a positive number of parameters.*lora:8"):
+            compress_adapter(model, budget=too_small)
+        torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)
     report = compress_adapter(model, budget=150)
-    geometry = model.base_model.tenslora_tensors["default"].geometry
-    assert report.ranks_after == tenslora.match_budget("qkv_depth", "tucker", 150, model_config)
-    assert report.parameters_after == count_adapter_parameters("qkv_depth", "tucker", report.ranks_after, geometry)
+    assert report.ranks_after == {"in": 1, "out": 1, "qkv": 1, "depth": 1} and report.parameters_after == 71
+    assert sum(p.numel() for p in model.base_model.tenslora_tensors.parameters()) == 71
     within = compress_adapter(model, budget=10**6)  # beyond any rank of the construction: nothing to cut
     assert within.ranks_after == within.ranks_before and within.parameters_after == report.parameters_after
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compression_never_exceeds_its_budget(name):
+    """One parameter below rank 2's count, where the closest count is rank 2's: every layout and factorization."""
+    budget = compress_adapter(_adapted(name), ranks=2).parameters_after - 1
+    model = _adapted(name)
+    report = compress_adapter(model, budget=budget)
+    assert report.parameters_after <= budget
+    assert sum(p.numel() for p in model.base_model.tenslora_tensors.parameters()) == report.parameters_after
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,6 +291,11 @@ def test_lora_truncated_to_a_budget_is_the_hosvd_of_its_stack():
     ("qkv", {"budget": 10}, {}, None, "come near a budget of 10"),
     ("qkv", {"ranks": 2, "roles": ["q", "gate"]}, {}, None, r"No module pattern for role\(s\) \['gate'\]"),
     ("att", {"ranks": 2}, {}, 5, "not divisible by the number of attention heads 5"),
+    ("qkv", {"ranks": 2, "roles": ["q"]}, {"target_modules": ["query", "value"]}, None,
+     r"The LoRA adapts roles \['q', 'v'\]; roles=\['q'\] would drop its updates of \['v'\]"),
+    ("depth", {"ranks": 2}, {"layers_to_transform": [0]}, None,
+     r"no update for 1 module\(s\).*\(bert.encoder.layer.1.attention.self.query\): they would get a zero update"),
+    ("qkv", {"budget": "lora:4"}, {}, None, r"`budget` must be a positive number of parameters \(an int\)"),
 ])
 def test_from_lora_refuses_before_it_consumes_the_lora(construction, arguments, lora_options, heads, message):
     """A refusal leaves the caller's LoRA model whole: its layers and its outputs as they were (``heads``: a
@@ -291,6 +312,15 @@ def test_from_lora_refuses_before_it_consumes_the_lora(construction, arguments, 
 
 def _lora_layers(model: PeftModel) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+def test_from_lora_refuses_a_base_deeper_than_the_loras(tmp_path):
+    """A LoRA folder of a 2-layer model loaded onto a 3-layer one: PEFT leaves the third layer's LoRA at its init
+    (random here, as this LoRA's config says; zero by default), with a warning only."""
+    _trained_lora(bert, r=2, target_modules=["query", "value"]).save_pretrained(tmp_path)
+    message = r"no update for 2 module\(s\) the TensLoRA adapter would adapt \(bert.encoder.layer.2"
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=message):
+        from_lora(tmp_path, "qkv_depth", ranks=2, base_model=bert(layers=3))
 
 
 def test_from_lora_needs_the_base_of_an_adapter_folder(tmp_path):
@@ -325,7 +355,8 @@ def test_compress_command(tiny, tmp_path, capsys):  # noqa: F811
     assert recorded["adapter"]["ranks"] == summary["ranks_after"] and (small / "tokenizer.json").is_file()
     assert main(["eval", str(small)]) == 0  # a run folder like any other
     assert main(["compress", str(run), str(tmp_path / "budget"), "--budget", "150"]) == 0
-    assert 75 <= json.loads((tmp_path / "budget" / "metrics.json").read_text())["parameters_after"] <= 300
+    # q, v, o in qkv_depth: 70 parameters at rank 1, 154 at rank 2 (the closest to 150, over it).
+    assert json.loads((tmp_path / "budget" / "metrics.json").read_text())["parameters_after"] == 70
     assert main(["compress", str(run), str(small), "--ranks", "2"]) == 2  # never into a folder that holds files
     assert main(["compress", str(run), str(tmp_path / "x"), "--ranks", "2", "--energy", "0.9"]) == 2
     assert "Give one of --ranks, --energy and --budget" in capsys.readouterr().err
@@ -335,6 +366,9 @@ def test_compress_command(tiny, tmp_path, capsys):  # noqa: F811
         assert main(["compress", str(run), str(tmp_path / "x"), *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    assert main(["compress", str(run), str(tmp_path / "x"), "--budget", "69"]) == 2  # checked once the model is read
+    assert "error: No ranks of the 'qkv_depth' construction with tucker fit within a budget of 69 parameters: the " \
+        "smallest adapter has 70." in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "x").exists()
     before = {path: path.read_bytes() for path in small.rglob("*") if path.is_file()}
     capsys.readouterr()

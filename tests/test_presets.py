@@ -1,9 +1,11 @@
 """Each preset has the parametrization of the method it reproduces (on a real model)."""
 
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 
+import tenslora
 from tenslora import TensLoraConfig
+from tenslora.app.options import TrainOptions, adapter_config
 from tiny import bert, llama
 
 
@@ -56,3 +58,24 @@ def test_lorta_is_a_five_way_cp_over_heads_projection_and_depth():
         expected = torch.einsum("ir,jr,hr,r,r->hji", f["in"], f["head_dim"], f["heads"][:heads], f["qkv"][p],
                                 f["depth"][1]).reshape(heads * 8, 32)
         torch.testing.assert_close(delta, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lotr_keeps_its_full_depth_on_every_budget_path():
+    """LoTR's rule (depth full, only in and out move) under a budget: match_budget, the command line's config,
+    compress_adapter and from_lora. On 4 layers, q, k, v: a tensor per role of 32 r + 32 r + 4 * 4 + 4 r^2
+    parameters, 480 at r = 2; a common rank (depth 2 too) would give 432."""
+    base, budget, lotr = bert(layers=4), 480, {"in": 2, "out": 2, "depth": "full"}
+    assert tenslora.match_budget("lotr", "tucker", budget, base.config) == lotr
+    assert adapter_config(TrainOptions(construction="lotr", budget=str(budget)), base.config, "SEQ_CLS").ranks == lotr
+
+    torch.manual_seed(0)
+    model = get_peft_model(bert(layers=4), TensLoraConfig(construction="lotr", ranks=4, init_weights=False))
+    report = tenslora.compress_adapter(model, budget=budget)
+    assert report.ranks_after == {"in": 2, "out": 2, "depth": 4} and report.parameters_after == budget
+    assert model.peft_config["default"].ranks == lotr  # kept for the next compression too
+
+    torch.manual_seed(0)
+    lora = get_peft_model(bert(layers=4), LoraConfig(r=2, target_modules=["query", "key", "value"],
+                                                     init_lora_weights=False))
+    fitted, report = tenslora.from_lora(lora, "lotr", budget=budget)
+    assert fitted.peft_config["default"].ranks == lotr and report.ranks_after == {"in": 2, "out": 2, "depth": 4}

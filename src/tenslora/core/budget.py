@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 
 from .blocks import block_sizes, check_layout, plan_tensors
@@ -13,6 +14,7 @@ from .construction import (
     check_factorization,
     get_construction,
     max_bond_ranks,
+    neighbour_bond_ranks,
     one_or_per_family,
 )
 
@@ -42,9 +44,20 @@ def lora_parameter_count(rank: int, geometry: Geometry) -> int:
     return rank * per_layer * geometry.num_layers
 
 
+def check_budget(budget: object) -> int:
+    """A budget is a positive count of parameters; ``"lora:8"`` is the command line's way to write one."""
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget <= 0:
+        raise ValueError(f"`budget` must be a positive number of parameters (an int), got {budget!r}. For LoRA rank "
+                         "r's count pass budget=tenslora.lora_parameter_count(r, model.config, roles) ('lora:8' is "
+                         "the command line's form).")
+    return int(budget)
+
+
 def match_budget(construction: str, factorization: str, budget: int, geometry: Geometry,
-                 fixed: Mapping[str, int | str] | None = None, layout: str = "roles") -> RankSpec:
-    """Ranks whose parameter count is closest to ``budget`` (ties go to the smaller count).
+                 fixed: Mapping[str, int | str] | None = None, layout: str = "roles", ceiling: bool = False,
+                 held: Mapping[str, Mapping[str, int]] | None = None) -> RankSpec:
+    """Ranks whose parameter count is closest to ``budget`` (ties go to the smaller count); with ``ceiling``,
+    the largest ranks whose count is at most ``budget`` (what a compression to a budget must respect).
 
     Tucker: one common rank r on every mode not in ``fixed``, capped at each mode's size (the
     mode-specific compression of the paper is reached through ``fixed``, e.g. ``{"qkv": 3}``),
@@ -52,27 +65,35 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     family (``{"attention": {...}, "mlp": {...}}``), as each family's modes have their own sizes.
     TT: the same with bonds for modes (one common bond rank r, capped at each bond's largest useful
     rank; ``fixed`` keyed by bond, e.g. ``{"qkv-depth": 2}``). CP: the single rank R. ``layout="blocks"``:
-    the block tensors' modes (one spec, never keyed by family). Raises ``ValueError`` when no rank gets
-    within a factor 2 of the budget.
+    the block tensors' modes (one spec, never keyed by family). ``held`` bounds the ranks further, per family
+    (``"blocks"`` under the block layout) and mode or bond: the ranks an adapter holds, which a truncation cannot
+    raise. Raises ``ValueError`` when no rank gets within a factor 2 of the budget (``ceiling``: when even the
+    smallest ranks exceed it).
     """
     spec = get_construction(construction)
     check_factorization(factorization)
-    if budget <= 0:
-        raise ValueError(f"The parameter budget must be positive, got {budget}.")
+    budget = check_budget(budget)
     fixed = dict(fixed or {})
     if factorization == "cp":
         if fixed:
             raise ValueError("CP has a single rank; `fixed` ranks only apply to Tucker (modes) and TT (bonds).")
         per_rank = count_adapter_parameters(construction, "cp", 1, geometry, layout)
+        if ceiling:
+            best = budget // per_rank
+            return _checked(best or None, per_rank, budget, construction, factorization, ceiling)
         candidates = {max(1, budget // per_rank), max(1, budget // per_rank + 1)}
         best = min(candidates, key=lambda r: (abs(r * per_rank - budget), r))
         return _checked(best, best * per_rank, budget, construction, factorization)
 
     # The caps of what gets a rank: the modes' sizes (Tucker), the bonds' largest useful ranks (TT).
-    family_caps = ({family: geometry.mode_sizes(spec, family) for family in geometry.families}
-                   if check_layout(layout, spec) == "roles" else {"blocks": block_sizes(spec, geometry)})
+    family_sizes = ({family: geometry.mode_sizes(spec, family) for family in geometry.families}
+                    if check_layout(layout, spec) == "roles" else {"blocks": block_sizes(spec, geometry)})
+    family_caps = family_sizes
     if factorization == "tt":
-        family_caps = {family: max_bond_ranks(sizes) for family, sizes in family_caps.items()}
+        family_caps = {family: max_bond_ranks(sizes) for family, sizes in family_sizes.items()}
+    if held is not None:
+        family_caps = {family: {name: min(cap, held[family][name]) for name, cap in names.items()}
+                       for family, names in family_caps.items()}
     kind = "bond" if factorization == "tt" else "mode"
     names = {name for caps in family_caps.values() for name in caps}
     unknown = [m for m in fixed if m not in names]
@@ -90,6 +111,10 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         per_family = {family: {m: min(r, n) if m not in fixed else ("full" if fixed[m] == "full" else min(fixed[m], n))
                                for m, n in caps.items()}
                       for family, caps in family_caps.items()}
+        if factorization == "tt":  # bonds within what their neighbours allow ("full" included)
+            per_family = {family: neighbour_bond_ranks(family_sizes[family], {
+                bond: family_caps[family][bond] if rank == "full" else rank for bond, rank in ranks.items()})
+                for family, ranks in per_family.items()}
         return one_or_per_family(per_family)
 
     free_caps = [n for caps in family_caps.values() for m, n in caps.items() if m not in fixed]
@@ -97,14 +122,23 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     for r in range(1, max(free_caps, default=1) + 1):
         ranks = ranks_at(r)
         count = count_adapter_parameters(construction, factorization, ranks, geometry, layout)
-        if best is None or abs(count - budget) < abs(best_count - budget):
+        if count <= budget if ceiling else best is None or abs(count - budget) < abs(best_count - budget):
             best, best_count = ranks, count
         if count > budget:
-            break  # counts grow with r: nothing further can be closer
-    return _checked(best, best_count, budget, construction, factorization)
+            break  # counts grow with r: nothing further can be closer, or within the ceiling
+    return _checked(best, count if best is None else best_count, budget, construction, factorization, ceiling)
 
 
-def _checked(ranks, count: int, budget: int, construction: str, factorization: str):
+def _checked(ranks, count: int, budget: int, construction: str, factorization: str, ceiling: bool = False):
+    """``ranks``, or the refusal: under a ``ceiling`` when none fit (``count``: the smallest), else when the
+    closest ``count`` is off by more than a factor 2."""
+    if ceiling:
+        if ranks is None:
+            raise ValueError(
+                f"No ranks of the '{construction}' construction with {factorization} fit within a budget of "
+                f"{budget:,} parameters: the smallest adapter has {count:,}. Give a budget of at least {count:,}."
+            )
+        return ranks
     if not budget / 2 <= count <= budget * 2:
         raise ValueError(
             f"No ranks of the '{construction}' construction with {factorization} come near a budget of "

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from peft.utils import load_peft_weights
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..core import budget as budgets
-from ..core.bank import TensorBank
+from ..core.bank import TensorBank, slice_rows
 from ..core.blocks import PlannedTensors, plan_tensors
 from ..core.construction import ROLE_NAMES, RankSpec, one_or_per_family, preset_fixed_ranks
 from ..core.truncation import check_energy, family_energy_ranks, fit, place_slice, truncated
@@ -28,6 +29,7 @@ from ..tuner.budgets import match_budget
 from ..tuner.config import TensLoraConfig, adapter_config_of
 from ..tuner.layer import Segment, TensLoraLayer
 from ..tuner.model import plan_targets
+from .lora_export import _MODEL_PREFIX
 
 _TENSLORA_BIAS = {"none": "none", "all": "all", "lora_only": "tenslora_only"}  # LoRA's bias -> TensLoRA's
 
@@ -97,12 +99,16 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
 
     Give one of: ``ranks`` (as a config's, e.g. ``4`` or ``{"in": 4, "out": 4, "qkv": 3, "depth": 2}``), ``energy``
     (per mode, or bond, the smallest rank keeping that share of the squared singular values, in every tensor of a
-    family) or ``budget`` (a parameter count, ranks by ``match_budget``). A truncation never raises a rank: one
-    asked above the adapter's stays the adapter's. The adapter's config gets the new ranks, so that
-    ``save_pretrained`` writes an adapter that loads as any other. The tensors are never formed densely.
+    family) or ``budget`` (a parameter count, a ceiling: the largest common rank whose adapter has at most that
+    many parameters; modes whose rank is ``"full"``, as a preset's rule writes them (LoTR's depth), stay full). A
+    truncation never raises a rank: one asked above the adapter's stays the adapter's. The adapter's config gets
+    the new ranks, so that ``save_pretrained`` writes an adapter that loads as any other. The tensors are never
+    formed densely.
     """
     config = adapter_config_of(peft_model, adapter_name, TensLoraConfig)
     check_compression_target(ranks, energy, budget)
+    if budget is not None:
+        budget = budgets.check_budget(budget)
     if config.factorization == "cp":
         raise ValueError("Only Tucker and tensor-train adapters have mode spectra to truncate; this one is CP (or the "
                          "LoRA preset). Train with factorization 'tucker' or 'tt' to compress afterwards.")
@@ -113,15 +119,17 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
                             sorted(bank.layer_position), bank.layout)
 
     current = plan(config.ranks)
+    held = _by_family(current)
+    fixed = preset_fixed_ranks(config.construction, config.ranks) if budget is not None else None
     if energy is not None:
         wanted = family_energy_ranks(bank.tensors, {key: spec.family for key, (spec, _) in current.tensors.items()},
                                      energy)
     else:
         if budget is not None:  # an adapter already within the budget is kept as it is
             ranks = config.ranks if budget >= _bank_parameters(bank) else budgets.match_budget(
-                config.construction, config.factorization, budget, bank.geometry, layout=bank.layout)
+                config.construction, config.factorization, budget, bank.geometry, fixed, bank.layout, ceiling=True,
+                held=held)
         wanted = _by_family(plan(ranks))
-    held = _by_family(current)
     new = plan(one_or_per_family({family: {name: min(rank, held[family][name]) for name, rank in ranks.items()}
                                    for family, ranks in wanted.items()}))
     before, parameters_before = delta_weights(peft_model, adapter_name), _bank_parameters(bank)
@@ -129,7 +137,11 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
         parameter = bank.tensor(key).factors["in"]
         replacement = truncated(bank.tensor(key), tensor_ranks).to(parameter.device, parameter.dtype)
         bank.tensors[key] = replacement.requires_grad_(parameter.requires_grad)
-    bank.ranks = config.ranks = new.ranks
+    bank.ranks = new.ranks
+    # The modes kept full stay "full" in the config, so that the next compression keeps them too.
+    config.ranks = new.ranks if fixed is None else one_or_per_family(
+        {family: {name: "full" if name in fixed else rank for name, rank in family_ranks.items()}
+         for family, family_ranks in _by_family(new).items()})
     return RefitReport(current.ranks, new.ranks, parameters_before, _bank_parameters(bank),
                        relative_error(before, delta_weights(peft_model, adapter_name)))
 
@@ -146,19 +158,25 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
     whose count is nearest ``budget``. ``lora`` is a ``PeftModel`` or a LoRA adapter folder (then ``base_model`` is
     the model it was trained on). The LoRA model is consumed once every check has passed (a refusal leaves it
     whole): its LoRA layers are removed and the TensLoRA adapter is put on the same base, with the LoRA's trained
-    ``modules_to_save`` (the head) and biases. ``roles`` defaults to those the LoRA adapts. The stacked tensors are
-    formed densely here, once (a 7B model's all-linear tensors would need tens of GB).
+    ``modules_to_save`` (the head) and biases. ``roles`` defaults to those the LoRA adapts; fewer roles than the
+    LoRA's (its updates would be dropped), and a module the adapter would wrap that the LoRA leaves without an update
+    (a deeper base, a LoRA of some layers), are refused. A preset keeps its rule under a budget (LoTR's depth stays
+    full). The stacked tensors are formed densely here, once (a 7B model's all-linear tensors would need tens of GB).
     """
     if (ranks is None) == (budget is None):
         raise ValueError("Give exactly one of `ranks` and `budget` to fit a LoRA.")
+    if budget is not None:
+        budgets.check_budget(budget)
     if factorization not in ("tucker", "tt"):
         raise ValueError(f"A LoRA is fitted by HOSVD (factorization 'tucker') or TT-SVD ('tt'), not {factorization!r}.")
     # Everything is checked before the LoRA is consumed: an error leaves the caller's model as it was.
     ranks_to_check = 1 if ranks is None else ranks  # under a budget, match_budget sets the ranks further down
     TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks_to_check, layout=layout)
+    saved = None  # a folder's tensors: a module it lacks (a deeper base) is left at PEFT's init, which is no update
     if not isinstance(lora, PeftModel):
         if base_model is None:
             raise ValueError(f"'{lora}' is an adapter folder: pass base_model=, the model the LoRA was trained on.")
+        saved = load_peft_weights(str(lora), device="cpu")
         lora = PeftModel.from_pretrained(base_model, str(lora), adapter_name=adapter_name)
     lora_config: LoraConfig = adapter_config_of(lora, adapter_name, LoraConfig)
     if lora_config.use_dora:
@@ -166,19 +184,31 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
                          "adapters are fitted.")
     lora.set_adapter(adapter_name)
     deltas = delta_weights(lora, adapter_name)
+    if saved is not None:
+        deltas = {name: delta for name, delta in deltas.items() if f"{_MODEL_PREFIX}{name}.lora_A.weight" in saved}
     lora_parameters = sum(parameter.numel() for name, parameter in lora.named_parameters()
                           if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name)
     adapted = lora.get_base_model()  # the base with the LoRA layers still in: every check runs on it
-    roles = list(roles) if roles is not None else _lora_roles(adapted, deltas)
+    lora_roles = _lora_roles(adapted, deltas)
+    dropped = [role for role in lora_roles if roles is not None and role not in roles]
+    if dropped:
+        raise ValueError(f"The LoRA adapts roles {lora_roles}; roles={list(roles)} would drop its updates of "
+                         f"{dropped}. Include them in `roles`, or leave `roles` out (the LoRA's).")
+    roles = list(roles) if roles is not None else lora_roles
     config = TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks_to_check, roles=roles,
                             task_type=lora_config.task_type, modules_to_save=lora_config.modules_to_save,
                             bias=_TENSLORA_BIAS[lora_config.bias], dropout=lora_config.lora_dropout,
                             base_model_name_or_path=lora_config.base_model_name_or_path,
                             revision=lora_config.revision, layout=layout)
-    if budget is not None:
-        config.ranks = match_budget(config.construction, config.factorization, budget, adapted.config, roles=roles,
-                                    fixed=preset_fixed_ranks(construction), layout=layout)
-    plan_targets(adapted, copy.deepcopy(config))  # what get_peft_model would refuse, refused while the LoRA is whole
+    if budget is not None:  # a preset keeps its rule (LoTR's depth stays full), as everywhere
+        config.ranks = match_budget(construction, config.factorization, budget, adapted.config, roles=roles,
+                                    layout=layout)
+    targets = plan_targets(adapted, copy.deepcopy(config))[0]  # what get_peft_model would refuse, refused now
+    empty = [target.name for target in targets if target.name not in deltas or not bool(deltas[target.name].any())]
+    if empty:
+        raise ValueError(f"The LoRA holds no update for {len(empty)} module(s) the TensLoRA adapter would adapt "
+                         f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): they would get a zero "
+                         "update. Pass the base model the LoRA was trained on; it must adapt its roles in every layer.")
     model = get_peft_model(lora.unload(), config, adapter_name=adapter_name)
     bank: TensorBank = model.base_model.tenslora_tensors[adapter_name]
     dense = {key: torch.zeros(*tensor.sizes.values(), dtype=torch.float64) for key, tensor in bank.tensors.items()}
@@ -186,8 +216,7 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
     for name, module in model.base_model.model.named_modules():
         if isinstance(module, TensLoraLayer):
             for segment in module._segments[adapter_name]:
-                whole = deltas.get(name, torch.zeros(module.out_features, module.in_features))  # no LoRA: zero
-                update = whole[segment.start : segment.stop]
+                update = deltas[name][segment.start : segment.stop]
                 _place_segment(dense, bank, segment, update.double())
                 _place_segment(known, bank, segment, torch.ones_like(update, dtype=torch.bool))
     for key, tensor in dense.items():
@@ -214,7 +243,5 @@ def _place_segment(dense: Mapping[str, torch.Tensor], bank: TensorBank, segment:
     or the d x d blocks that cut its wide side (output rows, or the input columns of a transposed o/down)."""
     if not segment.blocks:
         return
-    wide, start = rows.T if segment.blocks[0].transposed else rows, 0
-    for address in segment.blocks:
-        place_slice(dense[address.key], bank.tensor(address.key), address.index, wide[start : start + address.width])
-        start += address.width
+    for address, matrix in slice_rows(segment.blocks, rows):
+        place_slice(dense[address.key], bank.tensor(address.key), address.index, matrix)

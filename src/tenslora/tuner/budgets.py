@@ -7,7 +7,7 @@ from typing import Any
 
 from ..core import budget as budgets
 from ..core.blocks import plan_tensors
-from ..core.construction import Geometry, RankSpec, get_construction
+from ..core.construction import Geometry, RankSpec, get_construction, preset_fixed_ranks
 from .architectures import adapted_roles, config_value, geometry_from_config
 from .config import TensLoraConfig
 
@@ -60,15 +60,17 @@ def match_budget(construction: str, factorization: str, budget: int, model_confi
                  num_heads: int | None = None, layout: str = "roles",
                  layers_to_transform: Sequence[int] | None = None,
                  role_patterns: Mapping[str, str] | None = None) -> RankSpec:
-    """Ranks of ``construction`` whose parameter count is closest to ``budget`` (the isoparameter condition).
+    """Ranks of ``construction`` whose parameter count is closest to ``budget`` (the isoparameter condition; it
+    may lie a little above the budget: a compression to a budget, which never exceeds it, is ``compress_adapter``).
 
     Example: ``match_budget("qkv_depth", "tucker", lora_parameter_count(8, cfg, "all-linear"), cfg,
     roles="all-linear")``. With attention and MLP roles, Tucker ranks come keyed by family (not under
-    ``layout="blocks"``, whose blocks share one tensor). ``layers_to_transform`` and ``role_patterns`` as in
-    ``TensLoraConfig``.
+    ``layout="blocks"``, whose blocks share one tensor). A preset keeps its rule (LoTR's depth mode stays full);
+    ``fixed`` adds to or overrides it. ``layers_to_transform`` and ``role_patterns`` as in ``TensLoraConfig``.
     """
     config = TensLoraConfig(construction=construction, factorization=factorization, roles=roles,
                             num_heads=num_heads, layout=layout, layers_to_transform=layers_to_transform,
                             role_patterns=role_patterns)
+    fixed = {**(preset_fixed_ranks(construction) or {}), **(fixed or {})}
     return budgets.match_budget(config.construction, config.factorization, budget, _geometry_of(config, model_config),
                                fixed, config.layout)
