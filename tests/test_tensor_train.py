@@ -129,10 +129,36 @@ def test_tt_rank_specs():
         warnings.simplefilter("error")
         assert resolve_tt_ranks(construction, 16, sizes) == {"in-out": 16, "out-qkv": 16, "qkv-depth": 12}
     assert resolve_tt_ranks(construction, [8, 4, 2], sizes) == {"in-out": 8, "out-qkv": 4, "qkv-depth": 2}
+    # "full" is as large as is useful: out-qkv at most qkv's size times the rank of the bond right of it, 3 * 2.
     assert resolve_tt_ranks(construction, {"in-out": 8, "out-qkv": "full", "qkv-depth": 2}, sizes) == {
-        "in-out": 8, "out-qkv": 36, "qkv-depth": 2}
+        "in-out": 8, "out-qkv": 6, "qkv-depth": 2}
     with pytest.warns(UserWarning, match="TT rank 20 of bond 'qkv-depth' exceeds its largest useful rank 12"):
         assert resolve_tt_ranks(construction, [8, 4, 20], sizes)["qkv-depth"] == 12
+
+
+def test_tt_bond_ranks_stay_within_what_their_neighbours_allow():
+    """qkv_depth on (in 12, out 8, qkv 3, depth 3), bonds [4, 6, 1]: out-qkv is below its largest useful rank 9, but
+    with qkv-depth at 1 it can hold at most qkv's size 3: 6 would add parameters for nothing and its qkv core (6 x 3)
+    could not have orthonormal rows, which the isometric init needs. Clamped to 3 everywhere: config, count, model."""
+    construction = get_construction("qkv_depth")
+    sizes = GEOMETRY.mode_sizes(construction)
+    with pytest.warns(UserWarning, match="TT rank 6 of bond 'out-qkv' exceeds what its neighbours allow, 3"):
+        ranks = resolve_tt_ranks(construction, [4, 6, 1], sizes)
+    assert ranks == {"in-out": 4, "out-qkv": 3, "qkv-depth": 1}
+    with pytest.warns(UserWarning, match="neighbours allow"):
+        assert count_adapter_parameters("qkv_depth", "tt", [4, 6, 1], GEOMETRY) == 12 * 4 + 4 * 8 * 3 + 3 * 3 + 3
+    tensor = TensorTrainTensor(sizes, ranks)
+    right = tensor.factors["qkv"].reshape(3, -1)
+    torch.testing.assert_close(right @ right.T, torch.eye(3), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        tensor.factors["out"].normal_()
+    torch.testing.assert_close(dense_tensor(tensor).norm(), tensor.factors["out"].norm(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"exceed what their neighbours allow, \{'in-out': 4, 'out-qkv': 3"):
+        TensorTrainTensor(sizes, {"in-out": 4, "out-qkv": 6, "qkv-depth": 1})
+    with pytest.warns(UserWarning, match="neighbours allow"):
+        model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", factorization="tt", ranks=[4, 6, 1]))
+    # BERT (in 32, out 32, qkv 3, depth 2): 32 * 4 + 4 * 32 * 3 + 3 * 3 * 1 + 1 * 2.
+    assert adapter_numel(model) == 32 * 4 + 4 * 32 * 3 + 3 * 3 + 2
 
 
 @pytest.mark.parametrize(
@@ -169,7 +195,8 @@ def test_tt_match_budget_finds_the_closest_common_bond_rank(construction):
         assert abs(count - budget) <= abs(count_adapter_parameters(construction, "tt", neighbour, BERT_BASE) - budget)
     assert abs(count - budget) / budget < 0.15
     fixed = match_budget("qkv_depth", "tt", budget, BERT_BASE, fixed={"qkv-depth": 2})
-    assert fixed["qkv-depth"] == 2 and fixed["in-out"] == fixed["out-qkv"]
+    # out-qkv stops at what its neighbours allow (qkv's size 3 times the fixed rank 2), in-out takes the rest.
+    assert fixed["qkv-depth"] == 2 and fixed["out-qkv"] == 6 and fixed["in-out"] > 6
     with pytest.raises(ValueError, match=r"`fixed` names bond\(s\) \['qkv'\]"):
         match_budget("qkv_depth", "tt", budget, BERT_BASE, fixed={"qkv": 2})
 

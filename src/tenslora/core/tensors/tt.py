@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from ..construction import bond_names
+from ..construction import bond_names, neighbour_bond_ranks
 from .base import _SIZE_LETTER, FactorizedTensor, _subsets
 
 _BOND_LETTERS = "abcdefgh"
@@ -62,6 +62,11 @@ class TensorTrainTensor(FactorizedTensor):
             raise ValueError(f"A tensor-train over modes {list(self.modes)} has one rank per bond {bonds}, "
                              f"got ranks {dict(ranks)}.")
         self.ranks = {bond: int(ranks[bond]) for bond in bonds}
+        allowed = neighbour_bond_ranks(self.sizes, self.ranks)
+        if allowed != self.ranks:
+            raise ValueError(f"Bond ranks {self.ranks} exceed what their neighbours allow, {allowed} (r_k <= "
+                             "r_(k-1) n_k and r_k <= n_(k+1) r_(k+1)): the extra rank adds parameters and no "
+                             "expressive power. Resolve the ranks first (resolve_tt_ranks).")
         edges = [1, *self.ranks.values(), 1]
         zero = self.modes.index(self.output_modes[-1])
         cores = [_initial_core(edges[k], self.sizes[mode], edges[k + 1],
