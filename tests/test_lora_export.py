@@ -11,14 +11,17 @@ import peft
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 import tenslora
+from dense import expected_update, role_widths
 from tenslora import TensLoraConfig, TensLoraLayer
 from tenslora.app.cli import main
 from tenslora.app.modeling import build_classifier, load_trained_model
 from tenslora.app.runs import read_run
 from tenslora.app.train import evaluate_run
 from tenslora.files import new_folder
+from test_all_linear import MODULES as ALL_LINEAR_MODULES
 from test_train import tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert, gpt2, inputs, llama
 
@@ -44,6 +47,11 @@ CASES = {
     "bert-blocks-tucker": (bert, dict(construction="qkv_depth", roles="all-linear", layout="blocks", ranks=3)),
     "llama-blocks-tt": (llama, dict(construction="qkv_depth", factorization="tt", roles="all-linear",
                                     layout="blocks", ranks=2)),
+    # Output ranks below r_in: exported at min(r_in, r_out); c_attn's three roles share U_in (min(4, 3 * 1) = 3).
+    "bert-tucker-narrow-out": (bert, dict(construction="qkv_depth", roles=["q", "k", "v", "o"],
+                                          ranks={"in": 4, "out": 2, "qkv": 4, "depth": 2})),
+    "gpt2-qkv-narrow-out": (gpt2, dict(construction="qkv", roles=["q", "k", "v", "o"],
+                                       ranks={"in": 4, "out": 1, "qkv": 4})),
 }
 WITHOUT_BIAS = [name for name, (_, options) in CASES.items() if "bias" not in options]
 
@@ -132,21 +140,52 @@ def test_fused_module_stacks_distinct_input_factors(exported):
     assert shared["r"] == 2 and shared["rank_pattern"] == {}
 
 
+def _dense_updates(name: str, model: PeftModel) -> dict[str, torch.Tensor]:
+    """scaling * Delta W of every adapted module (nn.Linear layout), by the tests' own dense reference (tensorly's
+    full tensors, read by the tests' rules, blocks included); a fused module's roles in output order, zero where
+    a role is not adapted."""
+    family, options = name.split("-")[0], CASES[name][1]
+    bank = model.base_model.tenslora_tensors["default"]
+    roles, widths = bank.geometry.roles, role_widths(model.base_model.model.config)
+    updates: dict[str, list[torch.Tensor]] = {}
+    for layer in range(2):
+        for role, module in ALL_LINEAR_MODULES[family].items():
+            if role in roles:
+                update = expected_update(bank, options["construction"], roles, role, layer, widths,
+                                         layout=options.get("layout", "roles"))
+            else:
+                update = torch.zeros(widths[role], widths["o"])  # q, k, v of GPT-2's c_attn read the hidden size
+            updates.setdefault(module.format(layer), []).append(update)
+    adapted = {n for n, m in model.base_model.model.named_modules() if isinstance(m, TensLoraLayer)}
+    return {module: 3.0 * torch.cat(parts) for module, parts in updates.items() if module in adapted}
+
+
 @pytest.mark.parametrize("name", WITHOUT_BIAS)  # PEFT's conversion refuses adapters with trained biases
-def test_factors_and_peft_conversion_give_the_update(exported, name):
-    """PEFT's convert_to_lora (an SVD of get_delta_weight, which reads the same LoRA pair export_lora writes) finds
-    the layer's own update."""
+def test_exported_pair_and_peft_conversion_give_the_dense_update(exported, name):
+    """The B A that export_lora wrote, and PEFT's convert_to_lora (an SVD of get_delta_weight), are the update of the
+    tests' own dense reconstruction of the tensors."""
     model = exported[name]["model"]
-    assert model.supports_lora_conversion()
+    expected = _dense_updates(name, model)
+    assert expected and min(update.abs().max() for update in expected.values()) > 1e-2
+    written = load_file(exported[name]["folder"] / "lora" / "adapter_model.safetensors")
     rank = json.loads((exported[name]["folder"] / "lora" / "adapter_config.json").read_text())["r"]
+    assert model.supports_lora_conversion()
     _, converted = peft.convert_to_lora(model, rank=rank)
-    for module_name, module in model.named_modules():
-        if not isinstance(module, TensLoraLayer):
-            continue
-        delta = module.get_delta_weight("default")
-        delta = delta.T if module.is_conv1d else delta
-        peft_delta = converted[f"{module_name}.lora_B.weight"] @ converted[f"{module_name}.lora_A.weight"]
-        torch.testing.assert_close(peft_delta, delta, atol=1e-5, rtol=1e-4)
+    for module_name, update in expected.items():
+        pair = written[f"base_model.model.{module_name}.lora_B.weight"] @ \
+            written[f"base_model.model.{module_name}.lora_A.weight"]
+        torch.testing.assert_close(pair, update, atol=1e-5, rtol=1e-4)
+        peft_delta = converted[f"base_model.model.{module_name}.lora_B.weight"] @ \
+            converted[f"base_model.model.{module_name}.lora_A.weight"]
+        torch.testing.assert_close(peft_delta, update, atol=1e-5, rtol=1e-4)
+
+
+def test_export_rank_is_the_smaller_of_the_input_and_output_ranks(exported):
+    """r_in 4, r_out 2: rank 2. GPT-2's c_attn: q, k, v share U_in (4) and have r_out 1 each: rank 3; c_proj (o): 1."""
+    narrow = json.loads((exported["bert-tucker-narrow-out"]["folder"] / "lora" / "adapter_config.json").read_text())
+    assert narrow["r"] == 2 and narrow["rank_pattern"] == {}
+    fused = json.loads((exported["gpt2-qkv-narrow-out"]["folder"] / "lora" / "adapter_config.json").read_text())
+    assert fused["r"] == 3 and fused["rank_pattern"] == {f"transformer.h.{i}.attn.c_proj": 1 for i in range(2)}
 
 
 def test_refusals(exported, tmp_path):
