@@ -189,11 +189,12 @@ def test_a_save_leaves_sibling_folders_that_are_not_its_leftovers(tmp_path):
     users = tmp_path / ".adapter.notes_v2"
     users.mkdir()
     (users / "notes.txt").write_text("mine")
-    with pytest.raises(OSError) as refused, new_folder(tmp_path / "adapter") as exporting:
+    with pytest.raises(ValueError, match="filled by another process meanwhile"), \
+            new_folder(tmp_path / "adapter") as exporting:
         (exporting / "adapter_config.json").write_text("{}")
         tenslora.save_adapter(_adapter(2, seed=0), tmp_path / "adapter")
         assert exporting.is_dir()
-    assert refused.value.filename == str(exporting)  # the export's own rename, which found the folder taken
+    assert not exporting.exists()  # the export's own staging folder, which found the folder taken
     assert (users / "notes.txt").read_text() == "mine"
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from ..files import new_folder
+from ..files import new_folder, output_folder
 from ..transfer.lora_export import lora_adapter, write_lora
 from .modeling import load_trained_model
-from .runs import read_run
+from .runs import disk_errors, reading_run
 
 
 def merge_run(run_dir: str, out_dir: str, trust_remote_code: bool = False) -> Path:
@@ -25,11 +25,12 @@ def merge_run(run_dir: str, out_dir: str, trust_remote_code: bool = False) -> Pa
     run computed with them): the merged model is a plain one that needs no bitsandbytes. A model with code of its
     own loads only with ``trust_remote_code`` (the caller's permission; a run folder cannot grant it itself).
     """
-    run = read_run(run_dir)
-    with new_folder(out_dir) as staging:
+    output_folder(out_dir)
+    with reading_run(run_dir) as run:
         model, preprocessor = load_trained_model(run_dir, run, dequantize=True, trust_remote_code=trust_remote_code)
-        if isinstance(model, PeftModel):
-            model = model.merge_and_unload()
+    if isinstance(model, PeftModel):
+        model = model.merge_and_unload()
+    with disk_errors(out_dir, resume=False), new_folder(out_dir) as staging:
         model.save_pretrained(staging)
         preprocessor.save_pretrained(staging)
     return Path(out_dir)
@@ -39,13 +40,15 @@ def export_run(run_dir: str, out_dir: str, trust_remote_code: bool = False) -> P
     """Write the run's adapter as a standard PEFT LoRA adapter (exact: see ``lora_export``), with its
     tokenizer / image processor, so that ``PeftModel.from_pretrained`` serves it without tenslora
     (``trust_remote_code`` as in ``merge_run``)."""
-    run = read_run(run_dir)
-    if "adapter" not in run:
-        raise ValueError(f"The run in '{run_dir}' trained the classification head only: it has no adapter to "
-                         "export. `tenslora merge` saves its model as a plain transformers folder.")
-    with new_folder(out_dir) as staging:
+    with reading_run(run_dir) as run:
+        if "adapter" not in run:
+            raise ValueError(f"The run in '{run_dir}' trained the classification head only: it has no adapter to "
+                             "export. `tenslora merge` saves its model as a plain transformers folder.")
+        output_folder(out_dir)
         # the base as merge_run loads it; what is written is the adapter's factors alone, whatever the base
         model, preprocessor = load_trained_model(run_dir, run, dequantize=True, trust_remote_code=trust_remote_code)
-        write_lora(*lora_adapter(model), staging)
+    lora = lora_adapter(model)
+    with disk_errors(out_dir, resume=False), new_folder(out_dir) as staging:
+        write_lora(*lora, staging)
         preprocessor.save_pretrained(staging)
     return Path(out_dir)

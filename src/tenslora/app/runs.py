@@ -5,11 +5,13 @@ It lets a second command refuse to mix two different runs in one folder, lets ``
 continue only the same run, and lets ``eval``/``merge`` rebuild the model. ``metrics.json`` is
 written last and marks a finished run. Every write is atomic (temporary file + ``os.replace``),
 so a run killed at any moment leaves either the old file or the new one. One process at a time
-writes a run folder: it holds an exclusive lock on ``.tenslora.lock`` there (see ``run_lock``).
+writes a run folder: it holds an exclusive lock on ``.tenslora.lock`` there (see ``run_lock``); the commands that
+read a finished run share that lock (see ``reading_run``), so they do not refuse each other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -17,13 +19,17 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from filelock import FileLock, Timeout
+from safetensors.torch import load_file
 from transformers import TrainerCallback
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..files import write_atomic
@@ -36,6 +42,10 @@ TRAINER_STATE_FILE = "trainer_state.json"  # the last file the Trainer writes in
 LOCK_FILE = ".tenslora.lock"  # held by the process writing the run; not a file of the run itself
 LOCK_WAIT_S = 2.0  # how long to wait for a lock another process only probes (see ``check_not_busy``)
 FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed write: the disk is full
+POSIX = sys.platform != "win32"  # flock's shared locks, the file-size limit; on Windows readers probe the lock
+if POSIX:
+    import fcntl
+    import resource
 
 
 def read_json(path: str | os.PathLike, required: Sequence[str] = ()) -> dict[str, Any]:
@@ -88,6 +98,28 @@ def _holds_state(checkpoint: Path) -> bool:
     return True
 
 
+def resumable_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """``last_checkpoint``, with its files read as the Trainer will read them to resume: a ``ValueError`` naming the
+    one that does not load (damaged outside the Trainer) and the fix, rather than an unpickling traceback."""
+    checkpoint = last_checkpoint(output_dir)
+    if checkpoint is None:
+        return None
+    for path in sorted(Path(checkpoint).iterdir()):
+        try:
+            if path.suffix in (".pt", ".pth"):  # optimizer, scheduler, scaler, random states
+                with safe_globals():  # the numpy types the Trainer allows in them
+                    torch.load(path, map_location="cpu", weights_only=True)
+            elif path.suffix == ".safetensors":
+                load_file(path)
+        except Exception as error:
+            reason = "".join(str(error).strip().split(". ")[0].splitlines()[:1])  # torch's first sentence
+            raise ValueError(f"Cannot resume from '{checkpoint}': its file '{path.name}' does not load "
+                             f"({type(error).__name__}{': ' * bool(reason)}{reason}). Delete that checkpoint "
+                             "folder to resume from the one before it, or train anew in another --output-dir."
+                             ) from None
+    return checkpoint
+
+
 def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], resume: bool) -> bool:
     """Whether ``output_dir`` already holds this run, finished; raise ``ValueError`` if it may not be used.
 
@@ -125,6 +157,12 @@ def check_run_dir(output_dir: str | os.PathLike, identity: Mapping[str, Any], re
 def check_writable(output_dir: str | os.PathLike) -> None:
     """Refuse an output folder that is a file, lies under a file, or cannot be created or written to."""
     output_dir = Path(output_dir)
+    dangling = next((path for path in (output_dir, *output_dir.parents) if path.is_symlink() and not path.exists()),
+                    None)
+    if dangling is not None:
+        raise ValueError(f"The output directory '{output_dir}' goes through '{dangling}', a symbolic link to "
+                         f"'{os.readlink(dangling)}', which does not exist; create that folder, or choose another "
+                         "--output-dir.")
     existing = _nearest_existing(output_dir)
     if not existing.is_dir():
         where = "is a file" if existing == output_dir else f"is under '{existing}', which is a file"
@@ -159,10 +197,14 @@ def _busy(run_dir: Path) -> ValueError:
 
 
 def check_not_busy(run_dir: str | os.PathLike) -> None:
-    """Refuse a run folder another process is writing (it holds the lock); creates nothing."""
+    """Refuse a run folder another process is writing (it holds the lock exclusively); creates nothing. A probe
+    shares the lock: it never refuses, nor disturbs, another reader."""
     run_dir = Path(run_dir)
     if not (run_dir / LOCK_FILE).is_file():
         return
+    if POSIX:
+        with _shared_lock(run_dir):
+            return
     try:
         with FileLock(run_dir / LOCK_FILE).acquire(timeout=0):
             pass
@@ -170,6 +212,34 @@ def check_not_busy(run_dir: str | os.PathLike) -> None:
         raise _busy(run_dir) from None
     except OSError:  # a lock file we may not open (a read-only folder): nobody can be writing there as us
         return
+
+
+@contextmanager
+def reading_run(run_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """``read_run``, with the run's lock shared for the block: other readers (eval, export-lora, compress, merge) go
+    on, a writer is refused until the block ends."""
+    with _shared_lock(Path(run_dir)) if POSIX else contextlib.nullcontext():
+        yield read_run(run_dir)
+
+
+@contextmanager
+def _shared_lock(run_dir: Path) -> Iterator[None]:
+    """Hold a shared ``flock`` on the run's lock file, where there is one to open (a reader creates nothing);
+    raise the busy error at once if a writer holds it. ``filelock``'s writers take the same ``flock``,
+    exclusively."""
+    try:
+        handle = open(run_dir / LOCK_FILE, "rb")  # noqa: SIM115  (closed below; closing releases the lock)
+    except OSError:  # none, or one we may not open (a copied run, a read-only folder): nobody writes there as us
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(run_dir) from None
+        yield
+    finally:
+        handle.close()
 
 
 @contextmanager
@@ -200,33 +270,64 @@ def folder_lock(folder: Path, busy: Callable[[Path], ValueError]) -> Iterator[No
 
 
 @contextmanager
-def disk_errors(output_dir: str | os.PathLike) -> Iterator[None]:
-    """Turn a write that fails for a reason the user can fix (full disk, permissions) into one ``ValueError``
-    naming the path and the fix. torch and safetensors report a full disk in their own exception types: any
-    error is read as one when the disk has (almost) no space left."""
+def disk_errors(output_dir: str | os.PathLike, resume: bool = True) -> Iterator[None]:
+    """Turn a write that fails for a reason the user can fix (full disk, file-size limit, permissions) into one
+    ``ValueError`` naming the path and the fix: run the command again (``resume``: with --resume) once fixed.
+
+    Native libraries report the system's error in their own exception types: safetensors with its number in the
+    message ("(os error 28)"), torch without it. So any error is read as a full disk when the disk has (almost) no
+    space left, and torch's ``RuntimeError`` as a file too large when this process has a file-size limit.
+    """
     try:
         yield
     except ValueError:  # already says what to fix
         raise
     except Exception as error:
-        fix = _DISK_FIXES.get(error.errno) if isinstance(error, OSError) else None
-        if fix:
-            raise ValueError(f"Cannot write '{error.filename or output_dir}': {error.strerror}; {fix}.") from error
+        again = "then run the same command again" + (" with --resume" if resume else "")
+        number = _error_number(error)
+        if number in _DISK_FIXES:
+            # the file written: a copy's or a rename's destination (filename2), else the file (filename)
+            path = getattr(error, "filename2", None) or getattr(error, "filename", None) or output_dir
+            raise ValueError(f"Cannot write '{path}': {os.strerror(number)}; "
+                             f"{_DISK_FIXES[number].format(again=again)}.") from error
         if _disk_full(output_dir):
             raise ValueError(f"The disk of '{output_dir}' is full ({type(error).__name__} while writing); "
-                             f"{_DISK_FIXES[errno.ENOSPC]}.") from error
+                             f"{_DISK_FIXES[errno.ENOSPC].format(again=again)}.") from error
+        limit = _file_size_limit()
+        if isinstance(error, RuntimeError) and limit is not None:
+            raise ValueError(f"A file in '{output_dir}' could not be written (RuntimeError) and this process may "
+                             f"write files of {limit:,} bytes at most; {_DISK_FIXES[errno.EFBIG].format(again=again)}."
+                             ) from error
         raise
 
 
-_RERUN = "then run the same command again with --resume"
 _DISK_FIXES = {
-    errno.ENOSPC: f"free some space on that disk (or choose another --output-dir), {_RERUN}",
-    errno.EDQUOT: f"free some of your disk quota (or choose another --output-dir), {_RERUN}",
-    errno.EACCES: "make that folder writable or choose another --output-dir",
-    errno.EPERM: "make that folder writable or choose another --output-dir",
-    errno.EROFS: "the disk is read-only: choose another --output-dir",
-    errno.ENOTDIR: "a part of that path is a file: choose another --output-dir",
+    errno.ENOSPC: "free some space on that disk (or choose another output folder), {again}",
+    errno.EDQUOT: "free some of your disk quota (or choose another output folder), {again}",
+    errno.EFBIG: "raise the file-size limit (`ulimit -f`) or choose an output folder on a disk that takes larger "
+                 "files, {again}",
+    errno.EACCES: "make that folder writable or choose another output folder",
+    errno.EPERM: "make that folder writable or choose another output folder",
+    errno.EROFS: "the disk is read-only: choose another output folder",
+    errno.ENOTDIR: "a part of that path is a file: choose another output folder",
 }
+
+
+def _error_number(error: Exception) -> int | None:
+    """The system's error number behind ``error``: an ``OSError``'s, or the one a library written in Rust
+    (safetensors, tokenizers) prints in its message as "(os error N)"."""
+    if isinstance(error, OSError):
+        return error.errno
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    return int(match.group(1)) if match else None
+
+
+def _file_size_limit() -> int | None:
+    """The largest file this process may write (``ulimit -f``), in bytes; None without limit."""
+    if not POSIX:
+        return None
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if limit == resource.RLIM_INFINITY else limit
 
 
 def _disk_full(output_dir: str | os.PathLike) -> bool:

@@ -59,6 +59,7 @@ from .runs import (
     last_checkpoint,
     read_json,
     read_run,
+    resumable_checkpoint,
     run_lock,
 )
 
@@ -338,7 +339,7 @@ def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArgumen
            start: float) -> dict[str, Any]:
     trainer = make_trainer(prepared, arguments,
                            callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE)), DivergenceCheck()])
-    checkpoint = last_checkpoint(output_dir) if options.resume else None
+    checkpoint = resumable_checkpoint(output_dir) if options.resume else None
     trained = trainer.train(resume_from_checkpoint=checkpoint)
     history = history_rows(trainer.state.log_history)
     if not history or history[-1]["step"] != trainer.state.global_step:  # max_steps stopped mid-epoch
