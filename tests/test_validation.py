@@ -253,7 +253,8 @@ def test_run_json_keeps_its_form():
     identity = TrainOptions().identity()
     assert list(identity) == [name for name in option_names()
                               if name not in ("output_dir", "resume", "threads", "eval_steps", "save_steps",
-                                              "trust_remote_code", "load_in_4bit", "load_in_8bit", "layout")]
+                                              "trust_remote_code", "load_in_4bit", "load_in_8bit", "layout",
+                                              "max_input_rank")]
     assert TrainOptions(trust_remote_code=True).identity()["trust_remote_code"] is True
     assert TrainOptions(layout="blocks", roles="all-linear").identity()["layout"] == "blocks"
     assert identity["ranks"] == 8 and identity["roles"] == ["q", "k", "v"] and identity["max_train_samples"] == 6000

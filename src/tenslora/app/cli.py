@@ -178,6 +178,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                          + _default("ranks"))
     adapter.add_argument("--budget", help="isoparameter ranks instead of --ranks: lora:8 (LoRA rank 8's parameter "
                          "count) or a number of parameters")
+    adapter.add_argument("--max-input-rank", help="with --budget, the cost-aware choice: cap the rank that sets the "
+                         "cost per token (Tucker's in, CP's rank, TT's first bond; a LoRA of that rank costs the same) "
+                         "and spend the budget on the other modes and the core")
     _add_adapter_arguments(adapter)
     adapter.add_argument("--head-only", action="store_true", default=None,
                          help="baseline: train the classification head alone (no adapter, base frozen)")

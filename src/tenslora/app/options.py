@@ -61,8 +61,8 @@ DEFAULTS_BY_KIND: dict[str, dict[str, Any]] = {
     "causal-lm": {"lr": 5e-3, "epochs": 1.0, "batch_size": 8, "roles": ["all-linear"], "max_length": 256},
 }
 #: The options that shape the adapter: meaningless (so refused) with ``head_only``.
-ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "scaling", "dropout", "roles", "role_patterns",
-                   "layout")
+ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "max_input_rank", "scaling", "dropout", "roles",
+                   "role_patterns", "layout")
 #: Model types whose position ids start after the padding index (RoBERTa's scheme): fewer usable positions.
 POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "longformer")
 #: The largest seed numpy accepts.
@@ -71,7 +71,7 @@ MAX_SEED = 2**32 - 1
 TASKS = (*BUILTIN_TASKS, *FILE_TASKS)
 #: Options added after runs were first recorded: in a run's identity only when not at their default, so older
 #: runs keep theirs.
-RECORDED_WHEN_SET = ("trust_remote_code", "load_in_4bit", "load_in_8bit", "layout")
+RECORDED_WHEN_SET = ("trust_remote_code", "load_in_4bit", "load_in_8bit", "layout", "max_input_rank")
 #: Options that mean nothing to a causal-LM run (it has no classes, no head, no built-in data).
 CLASSIFICATION_OPTIONS = ("data_dir", "image_root", "text_pair_column", "label_column", "pooling", "head_only")
 
@@ -104,6 +104,7 @@ class TrainOptions:
     factorization: Optional[Text] = None
     ranks: Any = 8  # 8, [8, 8, 3, 4], {in: 8, ..., depth: full} or per family: checked by TensLoraConfig
     budget: Optional[Text] = None  # "lora:8" (LoRA rank 8's parameter count) or a number of parameters
+    max_input_rank: Optional[Positive] = None  # with --budget: the rank that sets the cost per token, capped
     scaling: Number = 1.0
     dropout: Annotated[Number, Field(ge=0.0, lt=1.0)] = 0.0
     roles: Optional[list[Text]] = None  # default: q, k, v (classification); all-linear (causal-lm)
@@ -295,6 +296,9 @@ def check_contradictions(options: TrainOptions, given: Iterable[str]) -> None:
     given = set(given)
     if options.budget is not None and "ranks" in given:
         raise ValueError("--budget chooses the ranks itself: give --budget or --ranks, not both.")
+    if options.max_input_rank is not None and options.budget is None:
+        raise ValueError("--max-input-rank bounds the ranks --budget chooses: give --budget too (with --ranks, set "
+                         "the 'in' rank itself).")
     if options.head_only:
         adapter = [f"--{name.replace('_', '-')}" for name in ADAPTER_OPTIONS if name in given]
         if adapter:
@@ -407,6 +411,7 @@ def adapter_config(options: TrainOptions, model_config: Any, task_type: Optional
         budget = budget_parameters(options.budget, model_config, config)
         config.ranks = match_budget(config.construction, config.factorization, budget, model_config,
                                     roles=config.roles, fixed=preset_fixed_ranks(options.construction),
-                                    layout=config.layout, role_patterns=config.role_patterns)
+                                    layout=config.layout, role_patterns=config.role_patterns,
+                                    max_input_rank=options.max_input_rank)
     return config
 

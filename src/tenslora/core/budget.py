@@ -55,7 +55,8 @@ def check_budget(budget: object) -> int:
 
 def match_budget(construction: str, factorization: str, budget: int, geometry: Geometry,
                  fixed: Mapping[str, int | str] | None = None, layout: str = "roles", ceiling: bool = False,
-                 held: Mapping[str, Mapping[str, int]] | None = None) -> RankSpec:
+                 held: Mapping[str, Mapping[str, int]] | None = None,
+                 max_input_rank: int | None = None) -> RankSpec:
     """Ranks whose parameter count is closest to ``budget`` (ties go to the smaller count); with ``ceiling``,
     the largest ranks whose count is at most ``budget`` (what a compression to a budget must respect).
 
@@ -67,8 +68,11 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     rank; ``fixed`` keyed by bond, e.g. ``{"qkv-depth": 2}``). CP: the single rank R. ``layout="blocks"``:
     the block tensors' modes (one spec, never keyed by family). ``held`` bounds the ranks further, per family
     (``"blocks"`` under the block layout) and mode or bond: the ranks an adapter holds, which a truncation cannot
-    raise. Raises ``ValueError`` when no rank gets within a factor 2 of the budget (``ceiling``: when even the
-    smallest ranks exceed it).
+    raise. ``max_input_rank`` is the cost-aware choice: every slice is read as ``x @ A @ B``, so the columns of
+    A (Tucker's ``in`` rank, CP's R, TT's first bond) alone set the cost per token, that of a LoRA of that rank;
+    capped there, the budget goes to the other modes and the core, whose cost is paid once per step. Raises
+    ``ValueError`` when no rank gets within a factor 2 of the budget (``ceiling``: when even the smallest ranks
+    exceed it).
     """
     spec = get_construction(construction)
     check_factorization(factorization)
@@ -78,6 +82,8 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         if fixed:
             raise ValueError("CP has a single rank; `fixed` ranks only apply to Tucker (modes) and TT (bonds).")
         per_rank = count_adapter_parameters(construction, "cp", 1, geometry, layout)
+        if max_input_rank is not None:
+            budget = min(budget, max_input_rank * per_rank)
         if ceiling:
             best = budget // per_rank
             return _checked(best or None, per_rank, budget, construction, factorization, ceiling)
@@ -93,6 +99,10 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         family_caps = {family: max_bond_ranks(sizes) for family, sizes in family_sizes.items()}
     if held is not None:
         family_caps = {family: {name: min(cap, held[family][name]) for name, cap in names.items()}
+                       for family, names in family_caps.items()}
+    if max_input_rank is not None:
+        family_caps = {family: {name: min(cap, max_input_rank) if _sets_input_rank(name) else cap
+                                for name, cap in names.items()}
                        for family, names in family_caps.items()}
     kind = "bond" if factorization == "tt" else "mode"
     names = {name for caps in family_caps.values() for name in caps}
@@ -127,6 +137,12 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         if count > budget:
             break  # counts grow with r: nothing further can be closer, or within the ceiling
     return _checked(best, count if best is None else best_count, budget, construction, factorization, ceiling)
+
+
+def _sets_input_rank(name: str) -> bool:
+    """Whether mode or bond ``name`` is the one whose rank is the number of columns of A: ``in`` (Tucker), the bond
+    leaving ``in`` (TT, ``in-...``)."""
+    return name == "in" or name.startswith("in-")
 
 
 def _checked(ranks, count: int, budget: int, construction: str, factorization: str, ceiling: bool = False):

@@ -59,7 +59,7 @@ def match_budget(construction: str, factorization: str, budget: int, model_confi
                  roles: Roles = ("q", "k", "v"), fixed: Mapping[str, int | str] | None = None,
                  num_heads: int | None = None, layout: str = "roles",
                  layers_to_transform: Sequence[int] | None = None,
-                 role_patterns: Mapping[str, str] | None = None) -> RankSpec:
+                 role_patterns: Mapping[str, str] | None = None, max_input_rank: int | None = None) -> RankSpec:
     """Ranks of ``construction`` whose parameter count is closest to ``budget`` (the isoparameter condition; it
     may lie a little above the budget: a compression to a budget, which never exceeds it, is ``compress_adapter``).
 
@@ -67,10 +67,12 @@ def match_budget(construction: str, factorization: str, budget: int, model_confi
     roles="all-linear")``. With attention and MLP roles, Tucker ranks come keyed by family (not under
     ``layout="blocks"``, whose blocks share one tensor). A preset keeps its rule (LoTR's depth mode stays full);
     ``fixed`` adds to or overrides it. ``layers_to_transform`` and ``role_patterns`` as in ``TensLoraConfig``.
+    ``max_input_rank`` caps the rank that sets the cost per token (that of a LoRA of this rank) and spends the
+    budget on the other modes and the core: at LoRA rank r's budget, ``max_input_rank=r`` costs what LoRA costs.
     """
     config = TensLoraConfig(construction=construction, factorization=factorization, roles=roles,
                             num_heads=num_heads, layout=layout, layers_to_transform=layers_to_transform,
                             role_patterns=role_patterns)
     fixed = {**(preset_fixed_ranks(construction) or {}), **(fixed or {})}
     return budgets.match_budget(config.construction, config.factorization, budget, _geometry_of(config, model_config),
-                               fixed, config.layout)
+                               fixed, config.layout, max_input_rank=max_input_rank)
