@@ -22,6 +22,10 @@ Variants (``--variants`` takes names and groups; a training variant X also runs 
   every tensor construction with Tucker ranks matched to LoRA's budget by ``tenslora.match_budget``,
   ``lorta`` (att_qkv_depth with CP at the same budget), and ``infer_base`` / ``infer_merged``
   (inference with a merged ``qkv_depth`` adapter against the plain base).
+- group ``capped``: floor, lora, and ``qkv_depth`` / ``att_qkv_depth`` at LoRA's budget as ``match_budget``
+  chooses, and ``..._capped``: the cost-aware choice, ``max_input_rank=8`` (LoRA's cost per token, the rest of
+  the budget in the core). ``smollm2`` is SmolLM2-135M's shape (random weights, 128 tokens):
+  ``python benchmarks/speed.py --models smollm2 --variants capped --batch-size 4``.
 - group ``compile``: floor, lora, qkv_depth, att_qkv_depth under ``torch.compile(model)`` (inductor;
   each variant its own compiler cache for the run: cold in round 1, warm after). One extra untimed
   step compiles, before the memory window; "cold compile (s)" is round 1's compiling step minus its
@@ -71,11 +75,14 @@ if TYPE_CHECKING:  # torch is imported in the measuring processes only
     import torch
     from torch import nn
 
-TRAINING_VARIANTS = ("floor", "lora", *TENSOR_CONSTRUCTIONS, "lorta")
+CAPPED = "_capped"  # suffix of a construction at the same budget, its input rank capped at LoRA's (cost-aware)
+EAGER_VARIANTS = ("floor", "lora", *TENSOR_CONSTRUCTIONS, "lorta")
+TRAINING_VARIANTS = (*EAGER_VARIANTS, *(f"{construction}{CAPPED}" for construction in TENSOR_CONSTRUCTIONS))
 INFERENCE_VARIANTS = ("infer_base", "infer_merged")
 MODES = ("eager", "compile", "4bit")
 GROUPS = {
-    "eager": (*TRAINING_VARIANTS, *INFERENCE_VARIANTS),
+    "eager": (*EAGER_VARIANTS, *INFERENCE_VARIANTS),
+    "capped": ("floor", "lora", "qkv_depth", "qkv_depth_capped", "att_qkv_depth", "att_qkv_depth_capped"),
     "compile": tuple(f"{v}+compile" for v in ("floor", "lora", "qkv_depth", "att_qkv_depth")),
     "4bit": tuple(f"{v}+4bit" for v in ("floor", "lora", "qkv_depth")),
 }
@@ -97,6 +104,7 @@ MODELS = {
     "bert-base": ModelSpec("classifier", ("q", "k", "v"), ["query", "key", "value"], None, 128),
     "vit-b16": ModelSpec("classifier", ("q", "k", "v"), ["q_proj", "k_proj", "v_proj"], None, None),
     "llama": ModelSpec("score", "all-linear", "all-linear", "SEQ_CLS", 256),
+    "smollm2": ModelSpec("score", "all-linear", "all-linear", "SEQ_CLS", 128),
 }
 
 
@@ -131,6 +139,11 @@ def build_model(name: str, args: argparse.Namespace) -> tuple[nn.Module, Any]:
     if name == "vit-b16":
         config = transformers.ViTConfig(num_labels=LABELS)  # defaults are ViT-B/16 at 224 px
         return transformers.ViTForImageClassification(config), config
+    if name == "smollm2":  # SmolLM2-135M's shape: 30 layers, hidden 576, 9 heads over 3 key/value heads, MLP 1536
+        config = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, num_hidden_layers=30,
+                                          num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+                                          pad_token_id=0, num_labels=LABELS)
+        return transformers.LlamaForSequenceClassification(config), config
     hidden = args.llama_hidden
     config = transformers.LlamaConfig(vocab_size=32000, hidden_size=hidden, num_hidden_layers=args.llama_layers,
                                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
@@ -175,9 +188,11 @@ def attach(model: nn.Module, config: Any, spec: ModelSpec, adapter: str) -> tupl
                                  task_type=spec.task_type)
     else:
         budget = tenslora.lora_parameter_count(8, config, roles=spec.roles)
-        resolved = tenslora.TensLoraConfig(construction=adapter, roles=spec.roles)  # "lorta" -> att_qkv_depth, CP
-        ranks = tenslora.match_budget(resolved.construction, resolved.factorization, budget, config, roles=spec.roles)
-        peft_config = tenslora.TensLoraConfig(construction=adapter, ranks=ranks, roles=spec.roles,
+        construction = adapter.removesuffix(CAPPED)
+        resolved = tenslora.TensLoraConfig(construction=construction, roles=spec.roles)  # "lorta" -> att_qkv_depth, CP
+        ranks = tenslora.match_budget(resolved.construction, resolved.factorization, budget, config, roles=spec.roles,
+                                      max_input_rank=8 if adapter.endswith(CAPPED) else None)
+        peft_config = tenslora.TensLoraConfig(construction=construction, ranks=ranks, roles=spec.roles,
                                               modules_to_save=[spec.head], task_type=spec.task_type)
     model = get_peft_model(model, peft_config)
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and spec.head not in n)

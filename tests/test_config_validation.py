@@ -153,8 +153,9 @@ def test_one_config_object_serves_models_of_other_sizes_and_kinds(tmp_path):
     small = get_peft_model(bert(), config)
     larger = get_peft_model(bert(layers=3, hidden=48), config)
     other = get_peft_model(llama(), config)
-    assert config.geometry is None and config.target_modules is None  # the caller's object is left as it was
-    assert small.peft_config["default"].geometry["num_layers"] == 2
+    assert small.peft_config["default"] is config  # the caller's object records the first model's sizes ...
+    assert config.geometry["num_layers"] == 2 and config.geometry["hidden_size"] == 32
+    assert larger.peft_config["default"] is not config and other.peft_config["default"] is not config  # ... not theirs
     assert larger.peft_config["default"].geometry["hidden_size"] == 48
     assert sum(isinstance(m, tenslora.TensLoraLayer) for m in other.modules()) == 4
     tenslora.save_adapter(larger, tmp_path / "larger")

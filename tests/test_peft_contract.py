@@ -208,21 +208,6 @@ def test_adapters_compute_their_own_updates_after_adding_setting_and_deleting():
         _close(_output(model, batch), first)
 
 
-@pytest.mark.parametrize("name", ["all", "in", "core", "tensors", "tenslora_tensors"])
-def test_adapter_names_that_are_parts_of_tensor_paths_are_refused(name):
-    model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", ranks=2))
-    with pytest.raises(ValueError, match=f"adapter name '{name}' is also a part of the tensor path"):
-        model.add_adapter(name, TensLoraConfig(construction="qkv_depth", ranks=2))
-    assert list(model.peft_config) == ["default"] and list(model.base_model.tenslora_tensors) == ["default"]
-
-
-def test_a_name_taken_first_refuses_a_later_adapter_whose_paths_contain_it():
-    model = get_peft_model(bert(), TensLoraConfig(construction="depth", factorization="cp", ranks=2), "all")
-    with pytest.raises(ValueError, match=r"'all' is also a part of the tensor path 'tenslora_tensors.default.tensors"
-                                         r".all.core' of adapter 'default'"):
-        model.add_adapter("default", TensLoraConfig(construction="qkv_depth", ranks=2))
-
-
 def test_each_saved_adapter_is_complete_next_to_others(tmp_path):
     model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", ranks=2, init_weights=False))
     for name in ("default2", "q_adapter", "layer"):

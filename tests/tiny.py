@@ -25,6 +25,11 @@ def bert(num_labels: int = 3, layers: int = 2, hidden: int = 32, seed: int = 0):
                   **dict(TEXT, hidden_size=hidden, num_hidden_layers=layers), num_labels=num_labels)
 
 
+def bert_head(head: str, seed: int = 0):
+    """BERT with another of transformers' heads, e.g. "TokenClassification", "QuestionAnswering"."""
+    return _build(getattr(transformers, f"BertFor{head}"), transformers.BertConfig, seed, **TEXT)
+
+
 def vit(num_labels: int = 3, seed: int = 0):
     return _build(transformers.ViTForImageClassification, transformers.ViTConfig, seed, **SMALL, image_size=16,
                   patch_size=8, num_labels=num_labels)

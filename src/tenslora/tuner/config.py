@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
 from peft import PeftModel
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from ..core.blocks import check_layout
 from ..core.construction import (
     ALL_LINEAR,
     PRESETS,
     ROLE_NAMES,
+    Geometry,
     check_factorization,
     expand_preset,
     get_construction,
@@ -75,6 +78,47 @@ def _regex(what: str, pattern: object, layer_group: bool = False) -> str:
         raise ValueError(f"{what} '{pattern}' has no capture group; it needs one around the layer index, "
                          r"e.g. r'\.layers\.(\d+)\.'.")
     return pattern
+
+
+def _names(name: str, value: object, what: str = "a module name or regex, or a list of module names") -> object:
+    """None, a string or a list (tuple, set) of strings, as PEFT's module options are; anything else by name."""
+    if value is None or isinstance(value, str) or (isinstance(value, (list, tuple, set))
+                                                   and all(isinstance(item, str) for item in value)):
+        return value
+    raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+
+
+def _text(name: str, value: object) -> object:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"`{name}` must be a string, got {value!r}.")
+    return value
+
+
+#: The sizes every recorded geometry holds; the others may be None (or absent, in older adapters).
+_GEOMETRY_SIZES = ("hidden_size", "attention_width", "num_layers")
+
+
+def _geometry(value: object) -> Optional[dict]:
+    """A recorded geometry (see :func:`check_geometry`) with sizes that are integers and roles that are role names:
+    an edited one is named here, not met as an AttributeError or a false 'built for a different model'."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or any(key not in value for key in (*_GEOMETRY_SIZES, "roles")):
+        raise ValueError(f"`geometry` must be the sizes recorded when the adapter was attached (a mapping with "
+                         f"{[*_GEOMETRY_SIZES, 'roles']}), got {value!r}. Leave it unset in a new config.")
+    geometry = dict(value)
+    for size in (item.name for item in fields(Geometry) if item.name != "roles"):
+        if geometry.get(size) is not None or size in _GEOMETRY_SIZES:
+            geometry[size] = _integer(f"geometry.{size}", geometry[size])
+    roles = geometry["roles"]
+    try:
+        valid = isinstance(roles, (list, tuple)) and parse_roles(roles) != ALL_LINEAR
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"`geometry.roles` must be the list of adapted roles (among {list(ROLE_NAMES)}), got "
+                         f"{roles!r}.")
+    return geometry
 
 
 @dataclass
@@ -241,6 +285,29 @@ class TensLoraConfig(PeftConfig):
                 raise ValueError(f"`role_patterns` has unknown role(s) {unknown}; roles are {list(ROLE_NAMES)}.")
             self.role_patterns = {role: _regex(f"The pattern of role '{role}' in `role_patterns`", pattern)
                                   for role, pattern in self.role_patterns.items()}
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            _names(name, getattr(self, name))
+        _names("modules_to_save", self.modules_to_save, "a list of module names")
+        for name in ("base_model_name_or_path", "revision", "peft_version"):
+            _text(name, getattr(self, name))
+        if self.auto_mapping is not None and not isinstance(self.auto_mapping, Mapping):
+            raise ValueError(f"`auto_mapping` must be a mapping (PEFT's), got {self.auto_mapping!r}.")
+        self.inference_mode = _flag("inference_mode", self.inference_mode)
+        self.geometry = _geometry(self.geometry)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
+                        **kwargs: Any) -> TensLoraConfig:
+        """PEFT's loading; a local adapter_config.json that is corrupt or fails a check of its fields is named,
+        with the field, in one ValueError (not a traceback from inside PEFT)."""
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "", CONFIG_NAME)
+        if not os.path.isfile(path):
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"'{path}' is not a valid TensLoRA adapter config: {error} Restore the file, or "
+                             "re-save the adapter.") from None
 
 
 def adapter_config_of(peft_model: Any, adapter_name: str, kind: type[PeftConfig]) -> Any:

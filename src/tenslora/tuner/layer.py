@@ -145,7 +145,7 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         bitsandbytes base layer is replaced by a dense one: see quantized.py).
 
         ``safe_merge`` checks the merged weight before it replaces the base weight and raises a
-        ValueError if it holds NaN or inf, as PEFT's methods do.
+        ValueError if it holds NaN or inf, with PEFT's own message (on nn.Linear and Conv1D alike).
         """
         for adapter_name in check_adapters_to_merge(self, adapter_names):
             if adapter_name not in self._banks:
@@ -156,7 +156,7 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
                 merged = weight + self.get_delta_weight(adapter_name).to(weight.device)
                 if safe_merge and not torch.isfinite(merged).all():
                     raise ValueError(
-                        f"NaNs detected in the merged weights. The adapter '{adapter_name}' seems to be broken: "
+                        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: "
                         f"merging it would put NaN or inf into the {type(base).__name__} weights (diverged training?)."
                     )
                 if not self.merged:

@@ -40,6 +40,9 @@ from .layer import Segment, TensLoraLayer
 from .quantized import record_dense_layers
 
 _BANKS = "tenslora_tensors"
+#: What attaching records in a config (the caller's object), and the attribute naming those it filled in itself.
+_RECORDED = ("target_modules", "geometry")
+_FILLED = "_tenslora_filled_on_attach"
 
 
 def plan_targets(model: nn.Module, config: TensLoraConfig) -> tuple[list[Target], Geometry]:
@@ -130,8 +133,7 @@ class TensLoraModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True,
                        low_cpu_mem_usage: bool = False, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         _check_name_stays_in_folder(adapter_name)
-        config = self._config_for_this_model(adapter_name)
-        targets, geometry = plan_targets(model, config)
+        config, targets, geometry = self._plan_for_this_model(model, adapter_name)
         # Under low_cpu_mem_usage (PeftModel.from_pretrained builds the whole tuner so) the factors are created on
         # the meta device, as LoRA's are, and the loaded tensors are assigned in their place.
         with init_empty_weights() if low_cpu_mem_usage else nullcontext():
@@ -145,7 +147,6 @@ class TensLoraModel(BaseTuner):
             bank = bank.to(next(model.parameters()).device)
         if _BANKS not in self._modules:
             self.tenslora_tensors = nn.ModuleDict()
-        self._check_adapter_name(adapter_name, bank)
         # PEFT restores the trainability of the model's existing parameters after adding an adapter (a frozen
         # second adapter must not freeze the one being trained); the banks live outside the model, so here.
         trainable = [(p, p.requires_grad) for b in self.tenslora_tensors.values() for p in b.parameters()]
@@ -167,31 +168,44 @@ class TensLoraModel(BaseTuner):
             for parameter, requires_grad in trainable:
                 parameter.requires_grad_(requires_grad)
 
-    def _config_for_this_model(self, adapter_name: str) -> TensLoraConfig:
-        """The adapter's config, copied when it is new: attaching records the model's sizes and target modules in
-        the config, and the caller's object must stay reusable for another model. A config loaded with a saved
-        adapter already holds sizes, and is checked against the model instead."""
-        config = self.peft_config[adapter_name]
-        if config.geometry is None:
-            config = self.peft_config[adapter_name] = copy.deepcopy(config)
-        return config
+    def _plan_for_this_model(self, model: nn.Module,
+                             adapter_name: str) -> tuple[TensLoraConfig, list[Target], Geometry]:
+        """The adapter's config with the model's targets and sizes recorded in it, and the plan.
 
-    def _check_adapter_name(self, adapter_name: str, bank: TensorBank) -> None:
-        """PEFT tells adapters apart by finding ``.<name>.`` in state-dict keys: a name that is also a part of
-        another adapter's tensor paths (``all``, ``in``, ``core``, ... depending on the constructions) would make
-        saving that adapter leave tensors out, so it is refused (either way round, whichever adapter came first)."""
-        banks = {**self.tenslora_tensors, adapter_name: bank}
-        pairs = [(adapter_name, other) for other in banks if other != adapter_name]
-        pairs += [(other, adapter_name) for other in banks if other != adapter_name]
-        for name, owner in pairs:
-            paths = [f"{_BANKS}.{owner}.{key}" for key in banks[owner].state_dict()]
-            clash = next((path for path in paths if name in path.split(".")[:1] + path.split(".")[2:]), None)
-            if clash is not None:
-                raise ValueError(
-                    f"The adapter name '{name}' is also a part of the tensor path '{clash}' of adapter '{owner}'; "
-                    f"PEFT would then save '{owner}' without those tensors. Choose another adapter name (e.g. "
-                    f"'{name}_adapter')."
-                )
+        The caller's object itself, as LoRA's: attaching fills its `target_modules` and `geometry`, and
+        ``PeftModel.from_pretrained(..., config=config)`` keeps it. What an earlier attach filled in is derived
+        again for this model: a config that fits it stays shared; one filled for a model of other sizes or kind
+        is copied and filled for this one, so one object serves several models. A config loaded with a saved
+        adapter holds its model's sizes, and is checked against the model instead. Planning works on a copy, so
+        a model that is refused leaves the config as it was."""
+        config = self.peft_config[adapter_name]
+        derived = set(getattr(config, _FILLED, ())) | {name for name in _RECORDED if getattr(config, name) is None}
+        planned = copy.deepcopy(config)
+        for name in derived:
+            setattr(planned, name, None)
+        targets, geometry = plan_targets(model, planned)
+        setattr(planned, _FILLED, tuple(sorted(derived)))
+        if all(getattr(config, name) in (None, getattr(planned, name)) for name in derived):
+            for name in (*derived, _FILLED):
+                setattr(config, name, getattr(planned, name))
+            planned = config
+        self.peft_config[adapter_name] = planned
+        return planned, targets, geometry
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model: nn.Module, config: TensLoraConfig, adapter_name: str,
+                                state_dict: dict[str, torch.Tensor],
+                                unwanted_adapter_names: list[str]) -> dict[str, torch.Tensor]:
+        """PEFT's selection, and every tensor of the adapter's bank. PEFT drops each key holding ``.<name>.`` of
+        another adapter: one named like a part of the bank's paths (``all``, ``in``, ``core``, ``tensors``,
+        ``tenslora_tensors``) would take this adapter's tensors out of its save. The bank's are selected by
+        structure, so any adapter name works (as with LoRA)."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        for name, module in model.named_modules():
+            if isinstance(module, TensLoraModel) and adapter_name in module.tenslora_tensors:
+                bank = module.tenslora_tensors[adapter_name].state_dict(prefix=f"{name}.{_BANKS}.{adapter_name}.")
+                selected = {**bank, **selected}
+        return selected
 
     def _clear_projections(self, *hook_args) -> None:
         for bank in self.tenslora_tensors.values():
@@ -265,11 +279,23 @@ class TensLoraModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model: nn.Module, config: TensLoraConfig, adapter_name: str,
                                            state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """PEFT's remapping, then a check that the saved tensors have the shapes the saved config implies: an
-        edited or mixed-up adapter_config.json is named as such, not left to a size-mismatch RuntimeError."""
+        """PEFT's remapping, then a check that the saved tensors are those the saved config implies, with its
+        shapes: an edited or mixed-up adapter_config.json, or weights missing a tensor, are named as such, not left
+        to PEFT's warning (a missing tensor would keep its initial value) or to a size-mismatch RuntimeError."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         own = model.state_dict()
         marker = f"{_BANKS}.{adapter_name}."
+        bank_keys = {key for key in own if marker in key}
+        missing = sorted(key.split(marker, 1)[1] for key in bank_keys - remapped.keys())
+        unexpected = sorted(key.split(f"{_BANKS}.", 1)[1] for key in remapped
+                            if f".{_BANKS}." in f".{key}" and key not in bank_keys)
+        if missing or unexpected:
+            raise ValueError(
+                f"The saved weights of adapter '{adapter_name}' do not match its adapter_config.json (construction "
+                f"'{config.construction}', {config.factorization}, ranks {config.ranks}): missing tensors "
+                f"{_first(missing)}, unexpected tensors {_first(unexpected)}. The config and the weights do not "
+                "belong together: re-save the adapter, or restore its adapter_config.json or adapter_model.safetensors."
+            )
         for key, value in remapped.items():
             if marker in key and key in own and tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(
@@ -286,6 +312,11 @@ class TensLoraModel(BaseTuner):
         if marker in key:
             return key.replace(marker, f"{_BANKS}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _first(names: list[str], count: int = 5) -> str:
+    """The first ``count`` names, and how many there are in all (a model of many layers has hundreds)."""
+    return str(names[:count]) + (f" ({len(names)} in all)" if len(names) > count else "")
 
 
 def _check_name_stays_in_folder(adapter_name: str) -> None:
