@@ -89,6 +89,7 @@ def _names(name: str, value: object, what: str = "a module name or regex, or a l
 
 
 def _text(name: str, value: object) -> object:
+    """None or a string (a name, a path, a version)."""
     if value is not None and not isinstance(value, str):
         raise ValueError(f"`{name}` must be a string, got {value!r}.")
     return value
@@ -301,11 +302,11 @@ class TensLoraConfig(PeftConfig):
         """PEFT's loading; a local adapter_config.json that is corrupt or fails a check of its fields is named,
         with the field, in one ValueError (not a traceback from inside PEFT)."""
         path = os.path.join(pretrained_model_name_or_path, subfolder or "", CONFIG_NAME)
-        if not os.path.isfile(path):
-            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         try:
             return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except (ValueError, TypeError) as error:
+            if not os.path.isfile(path):  # not found, or on the Hub: PEFT's own message
+                raise
             raise ValueError(f"'{path}' is not a valid TensLoRA adapter config: {error} Restore the file, or "
                              "re-save the adapter.") from None
 
