@@ -170,7 +170,7 @@ class TrainOptions:
         """Refuse contradictory options, counting those given a value other than their default."""
         options = handler(values)
         passed = (values.kwargs or {}) if hasattr(values, "kwargs") else dict(values)
-        check_contradictions(options, {name for name in passed if getattr(options, name) != default_value(name)})
+        check_contradictions(options, {name for name in passed if getattr(options, name) != options.default(name)})
         return options
 
     def __post_init__(self) -> None:
@@ -221,6 +221,10 @@ class TrainOptions:
         if given:
             raise ValueError(f"--task {CAUSAL_LM_TASK} has no classes and no head: drop {', '.join(given)}.")
 
+    def default(self, name: str) -> Any:
+        """The default of option ``name`` for this kind of run (``DEFAULTS_BY_KIND``, else the field's own)."""
+        return DEFAULTS_BY_KIND[self.kind].get(name, default_value(name))
+
     @property
     def kind(self) -> str:
         """``causal-lm`` or ``classification``: what the run trains, which sets its defaults."""
@@ -233,7 +237,7 @@ class TrainOptions:
             adapter_config(self, model_config=None, task_type=None)
         except ValueError as error:
             changed = [f"--{name.replace('_', '-')}" for name in ADAPTER_OPTIONS
-                       if getattr(self, name) != default_value(name)]
+                       if getattr(self, name) != self.default(name)]
             given = f" (adapter options set: {', '.join(changed)})" if changed else ""
             raise ValueError(f"{error}{given}") from None
 
