@@ -37,6 +37,29 @@ class SliceAddress:
         object.__setattr__(self, "slot", (self.key, *sorted(self.index.items())))
 
 
+def side_by_side(blocks: Sequence[SliceAddress], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A role's B (r x width) from the B of its slices: one slice in the role layout; in the block layout its d x d
+    blocks, which share their tensor's U_in, side by side along the wide side, each cropped to the rows it uses."""
+    cropped = [b if b.shape[-1] == address.width else b[:, : address.width]
+               for address, b in zip(blocks, outputs, strict=True)]
+    return cropped[0] if len(cropped) == 1 else torch.cat(cropped, dim=-1)
+
+
+def factor_order(address: SliceAddress, input_factor: torch.Tensor,
+                 output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A role's two factors in the order its input meets them, ``x Delta W^T = x @ first @ second`` (so ``Delta W =
+    (first @ second)^T`` in ``nn.Linear`` layout): ``U_in`` then ``B``, or ``B^T`` then ``U_in^T`` for a transposed
+    role (o, down: its update is its slice transposed)."""
+    return (output.T, input_factor.T) if address.transposed else (input_factor, output)
+
+
+def slice_rows(blocks: Sequence[SliceAddress], update: torch.Tensor) -> list[tuple[SliceAddress, torch.Tensor]]:
+    """The inverse of :func:`factor_order` and :func:`side_by_side`: a role's update (``nn.Linear`` layout, its rows of
+    the module's) cut into the matrices its slices hold, (rows used) x d_in, the wide side first."""
+    wide = update.T if blocks[0].transposed else update
+    return list(zip(blocks, wide.split([address.width for address in blocks]), strict=True))
+
+
 class TensorBank(nn.Module):
     """The tensors of one adapter: per family (attention, MLP), those the construction makes (block layout: the
     tensors of every projection's d x d blocks)."""
@@ -64,7 +87,7 @@ class TensorBank(nn.Module):
         return self._projections.get(("in", address.key), (x, factor), lambda: x @ factor.to(x.dtype), address.slot)
 
     def scaled_output(self, address: SliceAddress, scaling: float, dtype: torch.dtype) -> torch.Tensor:
-        """``scaling * B`` (r x width) of one slice, in ``dtype``.
+        """``scaling * B`` (r x d_out) of one slice, in ``dtype`` (:func:`side_by_side` crops it to its width).
 
         Formed in one contraction with the B of every role of its tensor at the same layer (the
         slices that differ only in the role mode), which the layer's other projections reuse. Not
@@ -80,8 +103,7 @@ class TensorBank(nn.Module):
 
         name = ("out", address.key, tuple(fixed.items()), scaling, dtype)
         group = self._projections.get(name, tuple(tensor.parameters()), role_slices, address.slot)
-        b = group[address.index.get("qkv", 0)]
-        return b if address.width == b.shape[-1] else b[:, : address.width]
+        return group[address.index.get("qkv", 0)]
 
     def clear_projections(self) -> None:
         """Forget reused products: called before and after every forward pass of the model."""

@@ -17,7 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..core.bank import SliceAddress, TensorBank
+from ..core.bank import SliceAddress, TensorBank, factor_order, side_by_side
 from .quantized import dense_weight, keep_original, restore_original, store_weight
 
 
@@ -70,14 +70,12 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
             if not segment.blocks:
                 pieces.append(x.new_zeros(*x.shape[:-1], segment.stop - segment.start))
                 continue
-            # The blocks of a role share U_in: its B is theirs side by side (r x width), whichever way it is cut.
-            outputs = [bank.scaled_output(address, scaling, x.dtype) for address in segment.blocks]
-            b = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
             address = segment.blocks[0]
-            if address.transposed:  # o and down: their update is the slice transposed
-                pieces.append((x @ b.T) @ bank.tensor(address.key).input_factor().to(x.dtype).T)
-            else:
-                pieces.append(bank.project(address, x) @ b)
+            b = side_by_side(segment.blocks, [bank.scaled_output(block, scaling, x.dtype) for block in segment.blocks])
+            first, second = factor_order(address, bank.tensor(address.key).input_factor(), b)
+            # x U_in is shared by the roles that read x (reuse.py); a transposed role's x B^T is its own.
+            head = x @ first if address.transposed else bank.project(address, x)
+            pieces.append(head @ second.to(x.dtype))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -108,19 +106,13 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
         for position, segment in enumerate(self._segments[adapter_name]):
             if not segment.blocks:
                 continue
-            # The block layout cuts a role into d-wide blocks of one tensor (one U_in): their B side by side is
-            # the role's B, each cropped to its width; the role layout has one block.
             address = segment.blocks[0]
             tensor = bank.tensor(address.key)
-            output = torch.cat([tensor.output_matrix(block.index)[:, : block.width] for block in segment.blocks],
-                               dim=1).float()
-            factor = tensor.input_factor().float()
-            if address.transposed:
-                key, a, b = ("transposed", position), output, factor * scaling
-            else:
-                key, a, b = address.key, factor.T, output.T * scaling
-            factors_of_a.setdefault(key, a)
-            updates.append((segment, key, b))
+            output = side_by_side(segment.blocks, [tensor.output_matrix(block.index) for block in segment.blocks])
+            first, second = factor_order(address, tensor.input_factor().float(), output.float())
+            key = ("transposed", position) if address.transposed else address.key  # the roles of a tensor share U_in
+            factors_of_a.setdefault(key, first.T)
+            updates.append((segment, key, second.T * scaling))
         offsets, start = {}, 0
         for key, a in factors_of_a.items():
             offsets[key], start = start, start + a.shape[0]
