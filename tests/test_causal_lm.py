@@ -251,7 +251,7 @@ def test_a_causal_lm_run_has_its_own_defaults():
     """All-linear, its own learning rate and batch; the built-in chat data is cut to a few minutes' worth. What the
     user gives wins; a classification run keeps the classifier's defaults."""
     default = TrainOptions(task="causal-lm")
-    assert default.roles == ["all-linear"] and (default.lr, default.batch_size, default.epochs) == (5e-3, 8, 1.0)
+    assert default.roles == ["all-linear"] and (default.lr, default.batch_size, default.epochs) == (2e-2, 8, 1.0)
     assert default.max_length == 256 and TrainOptions().max_length == 128
     assert (default.max_train_samples, default.max_eval_samples) == (480, 200)
     given = TrainOptions(task="causal-lm", roles="q,v", lr=1e-3, train_file="x.jsonl")

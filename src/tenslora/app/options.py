@@ -58,7 +58,7 @@ DEFAULT_CAUSAL_LM_SAMPLES = {"max_train_samples": 480, "max_eval_samples": 200}
 #: QLoRA and PEFT users adapt LLMs; a smaller batch of longer sequences). See docs/benchmarks.md and docs/llm.md.
 DEFAULTS_BY_KIND: dict[str, dict[str, Any]] = {
     "classification": {"lr": 1e-2, "epochs": 2.0, "batch_size": 32, "roles": ["q", "k", "v"], "max_length": 128},
-    "causal-lm": {"lr": 5e-3, "epochs": 1.0, "batch_size": 8, "roles": ["all-linear"], "max_length": 256},
+    "causal-lm": {"lr": 2e-2, "epochs": 1.0, "batch_size": 8, "roles": ["all-linear"], "max_length": 256},
 }
 #: The options that shape the adapter: meaningless (so refused) with ``head_only``.
 ADAPTER_OPTIONS = ("construction", "factorization", "ranks", "budget", "max_input_rank", "scaling", "dropout", "roles",
