@@ -294,6 +294,17 @@ def test_exact_match_scores_greedy_answers_whatever_the_padding():
     assert exact_match(model, tokenizer, rows, "test", batch_size=4, max_new_tokens=3) == pytest.approx(11 / 12)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_exact_match_decodes_in_the_run_s_precision(bf16):
+    """A run that trained under bfloat16 autocast is scored under it too (and a float32 run in float32)."""
+    tokenizer, model = tiny_llm.chat_tokenizer(), tiny_llm.llama_causal_lm()
+    dtypes = set()
+    model.lm_head.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+    rows = Dataset.from_dict({"prompt": tiny_llm.sentences(4, seed=3), "completion": [" cat"] * 4})
+    exact_match(model, tokenizer, rows, "test", batch_size=4, max_new_tokens=2, bf16=bf16)
+    assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
+
+
 def test_a_prompt_completion_run_scores_what_it_generates_against_the_base(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", f"--model={tiny / 'llama'}", f"--output-dir={out}", "--task=causal-lm", "--epochs=3",

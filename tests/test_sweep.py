@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
 import os
 import re
@@ -536,3 +537,33 @@ def test_a_causal_lm_sweep_selects_and_reports_on_exact_match(tmp_path):
     assert len(rows) == 4 and all(0 <= row["validation_exact_match"] <= 1 and 0 <= row["test_exact_match"] <= 1
                                   for row in rows)
     assert "the best mean validation exact_match over the seeds" in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def test_a_causal_lm_sweep_shares_the_cores_out_among_its_jobs(tmp_path, monkeypatch):
+    """Without --threads each of the --jobs runs gets its share of the cores (a causal LM's default is every
+    core: two jobs of two threads each on two cores would fight over them)."""
+    tiny_llm.save_model_folder(tmp_path / "llama")
+    pairs = zip(tiny_llm.sentences(40, 1, 4), tiny_llm.sentences(40, 2, 2), strict=True)
+    (tmp_path / "pairs.jsonl").write_text("".join(f'{{"prompt": "{prompt}", "completion": " {completion}"}}\n'
+                                                  for prompt, completion in pairs))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    planned = []
+
+    class Planned(Exception):
+        pass
+
+    def execute(runs, jobs, on_result):
+        planned.extend((run.options.threads, jobs) for run in runs)
+        raise Planned
+
+    monkeypatch.setattr(tenslora.app.sweep.run, "execute", execute)
+    options = TrainOptions(task="causal-lm", train_file=str(tmp_path / "pairs.jsonl"), model=str(tmp_path / "llama"),
+                           roles="q,v", max_steps=2, batch_size=8, max_length=16, bf16=False)
+    with pytest.raises(Planned):
+        run_sweep(options, tmp_path / "sweep", lora_ranks=(1,), constructions=("qkv_depth",),
+                  conditions=("isoparameter",), seeds=(0,), jobs=2)
+    assert planned and set(planned) == {(2, 2)}
+    with pytest.raises(Planned):
+        run_sweep(dataclasses.replace(options, threads=3), tmp_path / "sweep", lora_ranks=(1,),
+                  constructions=("qkv_depth",), conditions=("isoparameter",), seeds=(0,), jobs=2)
+    assert set(planned[len(planned) // 2:]) == {(3, 2)}

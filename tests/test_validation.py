@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tenslora.app.options import (
     PATH_OPTIONS,
     TrainOptions,
     adapter_config,
+    default_threads,
     option_names,
     options_from_mapping,
     read_config_file,
@@ -383,3 +385,11 @@ def test_ranks_per_family_and_the_block_layout_reach_the_adapter(tmp_path):
     assert budget / 2 <= tenslora.count_parameters(config, model_config) <= budget * 2
     with pytest.raises(ValidationError, match="layout"):
         TrainOptions(layout="tiles")
+
+
+def test_threads_default_to_one_for_a_classifier_and_to_the_cores_shared_out_for_a_causal_lm(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    assert default_threads("classification") == 1
+    assert default_threads("causal-lm") == 6
+    assert default_threads("causal-lm", processes=2) == 3
+    assert default_threads("causal-lm", processes=8) == 1

@@ -154,8 +154,8 @@ def _add_optimization_arguments(parser: argparse.ArgumentParser) -> argparse._Ar
     optimization.add_argument("--weight-decay", help=_default("weight_decay").strip(" ()"))
     optimization.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                               help="bfloat16 autocast (default: where the hardware has it: recent CPUs, most GPUs)")
-    optimization.add_argument("--threads", help="torch CPU threads (default: 1, the fastest when the "
-                              "cores are shared)")
+    optimization.add_argument("--threads", help="torch CPU threads (default: 1 for a classifier, the fastest "
+                              "when cores are shared; every core for a causal LM, shared out among a sweep's --jobs)")
     optimization.add_argument("--eval-steps", help="evaluate every N optimizer steps (default: every epoch)")
     optimization.add_argument("--save-steps", help="checkpoint every N optimizer steps (default: every epoch)")
     return optimization

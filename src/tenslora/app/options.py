@@ -122,7 +122,7 @@ class TrainOptions:
     weight_decay: Annotated[Number, Field(ge=0.0)] = 0.0
     seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] = 0
     bf16: Optional[bool] = None  # autocast in bfloat16; default: where the hardware computes it natively
-    threads: Optional[Positive] = None  # torch CPU threads; default 1 (fastest when cores are shared)
+    threads: Optional[Positive] = None  # torch CPU threads; default by kind of run (default_threads)
     eval_steps: Optional[Positive] = None  # evaluate every N steps (default: every epoch)
     save_steps: Optional[Positive] = None  # checkpoint every N steps (default: every epoch)
     # Where
@@ -283,6 +283,16 @@ class TrainOptions:
         if known and self.max_length > min(known):
             raise ValueError(f"--max-length {self.max_length} is more than the model's {min(known)} positions; "
                              f"use --max-length {min(known)} or less.")
+
+
+def default_threads(kind: str, processes: int = 1) -> int:
+    """torch CPU threads when ``threads`` is not given: 1 for a classifier (its small matrices run fastest on one
+    core when cores are shared), the cores left to each of ``processes`` runs for a causal LM (on 2 cores a
+    SmolLM2 step takes 0.65x the time on two threads; see docs/performance.md)."""
+    if kind != "causal-lm":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // processes)
 
 
 def option_names() -> list[str]:

@@ -45,7 +45,7 @@ from .modeling import (
     load_trained_model,
     resolve_pooling,
 )
-from .options import DATA_SOURCE_KEYS, TrainOptions, adapter_config, options_from_mapping
+from .options import DATA_SOURCE_KEYS, TrainOptions, adapter_config, default_threads, options_from_mapping
 from .runs import (
     HISTORY_FILE,
     METRICS_FILE,
@@ -306,10 +306,10 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     finished one is returned as recorded. Writes ``run.json`` at the start, ``history.csv`` after
     every epoch, the adapter and ``metrics.json`` at the end, all in ``options.output_dir``.
     """
-    torch.set_num_threads(options.threads or 1)
     start = time.monotonic()
     output_dir = options.output_dir or default_output_dir(options)
     state = process_state()
+    torch.set_num_threads(options.threads or default_threads(options.kind, state.num_processes))
     if state.is_main_process:
         check_not_busy(output_dir)  # first: a second writer is refused at once, whatever the folder holds
     if check_run_dir(output_dir, options.identity(), options.resume):
@@ -347,7 +347,7 @@ def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArgumen
         history = history_rows(trainer.state.log_history)
     test = _strip(trainer.evaluate(prepared.data.splits["test"], metric_key_prefix="test"), "test_")
     validation = _strip(history[-1], "eval_")
-    generated = generation_scores(prepared) if _scores_generation(prepared) else {}
+    generated = generation_scores(prepared, trainer.args.bf16) if _scores_generation(prepared) else {}
     for split, scores in (("test", test), ("validation", validation)):
         if split in generated:
             scores["exact_match"] = generated[split]
@@ -385,13 +385,14 @@ def _scores_generation(prepared: Prepared) -> bool:
     return texts is not None and is_paired(texts["train"])
 
 
-def generation_scores(prepared: Prepared) -> dict[str, float]:
+def generation_scores(prepared: Prepared, bf16: bool) -> dict[str, float]:
     """Exact match of greedy answers on the validation and test splits, and the base model's on the test split
-    (the adapter switched off: the zero-shot score the fine-tune is measured against)."""
+    (the adapter switched off: the zero-shot score the fine-tune is measured against), decoded in the run's
+    precision."""
     model, texts, tokenizer = prepared.model, prepared.data.texts, prepared.preprocessor
-    scores = {split: exact_match(model, tokenizer, texts[split], split) for split in ("validation", "test")}
+    scores = {split: exact_match(model, tokenizer, texts[split], split, bf16=bf16) for split in ("validation", "test")}
     with model.disable_adapter():
-        scores["base_test"] = exact_match(model, tokenizer, texts["test"], "test")
+        scores["base_test"] = exact_match(model, tokenizer, texts["test"], "test", bf16=bf16)
     return scores
 
 
@@ -410,7 +411,7 @@ def evaluate_run(run_dir: str, split: str = "test", overrides: dict[str, Any] | 
         if run["modality"] == CAUSAL_LM_TASK:  # other files, the same objective
             overrides.setdefault("task", CAUSAL_LM_TASK)
     options = options_from_mapping({**recorded, **overrides})
-    torch.set_num_threads(options.threads or 1)
+    torch.set_num_threads(options.threads or default_threads(options.kind))
     model, preprocessor = load_trained_model(run_dir, run, trust_remote_code=bool(options.trust_remote_code))
     task = inputs.load(options)
     if task.labels != run["labels"]:

@@ -32,7 +32,7 @@ from ...data.metrics import SCORES
 from ...files import write_json
 from .. import inputs
 from ..modeling import default_model, load_model_config, load_preprocessor
-from ..options import TrainOptions, adapter_config, default_value
+from ..options import TrainOptions, adapter_config, default_threads, default_value
 from ..params import format_ranks
 from ..runs import LOCK_FILE, folder_lock, read_json
 from ..train import TrainingDiverged, run_training
@@ -323,6 +323,7 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
                                 ("LoRA ranks", lora_ranks, "r"), ("budgets", budgets, "p"),
                                 ("constructions", constructions, ""), ("conditions", conditions, "")):
         refuse_repeats(what, values, label)
+    base = dataclasses.replace(base, threads=base.threads or default_threads(base.kind, jobs))  # cores shared out
     runs = plan(base, sweep_dir, candidates, seeds, lrs)  # every run's options checked before anything is loaded
     shared = shared_options(base)
     model_config = checked_model_config(base)  # a model or data the runs cannot load is refused before any write
