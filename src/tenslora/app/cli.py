@@ -218,7 +218,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
                        "those tried, also try twice (half) that rate on the seeds that choose, until the choice has "
                        f"a rate on either side, at most {MAX_WIDENINGS} times a row (needs two --lrs or more)")
     sweep.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process with --threads "
-                       "threads (default: 1; on a CPU machine: cores / threads)")
+                       "threads (default: 1 run; on a CPU machine: cores / threads)")
     _add_data_arguments(parser, causal_lm=True)
     _add_model_arguments(parser)
     _add_adapter_arguments(parser.add_argument_group("adapter (the same in every run)"))
