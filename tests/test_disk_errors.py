@@ -30,6 +30,7 @@ from tenslora.app.options import TrainOptions
 from tenslora.app.runs import LOCK_FILE, disk_errors, read_run, resumable_checkpoint, run_lock
 from tenslora.app.train import run_training
 from tenslora.files import new_folder
+from test_run_safety import _hold_lock_in_another_process
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny_llm import save_model_folder, sentences
 
@@ -306,18 +307,10 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, capsys, monkeypa
 # Readers share the run's lock
 
 
-def _hold_shared_lock(lock_file: Path) -> subprocess.Popen:
-    script = (f"import fcntl, time; handle = open({str(lock_file)!r}, 'rb'); fcntl.flock(handle, fcntl.LOCK_SH); "
-              "print('held', flush=True); time.sleep(120)")
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="shared locks are flock's")
 def test_two_readers_of_a_run_do_not_refuse_each_other(run_dir, tmp_path):
     """While another process reads the run (it shares the lock), this one reads it too; a writer waits for both."""
-    holder = _hold_shared_lock(run_dir / LOCK_FILE)
+    holder = _hold_lock_in_another_process(run_dir / LOCK_FILE, shared=True)
     try:
         assert read_run(run_dir)["modality"] == "text"
         export_run(str(run_dir), str(tmp_path / "lora"))

@@ -206,9 +206,11 @@ def _text_options(tiny, tmp_path: Path, **changes) -> TrainOptions:  # noqa: F81
                         **{"output_dir": str(tmp_path / "run"), **FAST, "epochs": 1, **changes})
 
 
-def _hold_lock_in_another_process(lock_file: Path) -> subprocess.Popen:
-    script = (f"import time; from filelock import FileLock; lock = FileLock({str(lock_file)!r}); lock.acquire(); "
-              "print('held', flush=True); time.sleep(120)")
+def _hold_lock_in_another_process(lock_file: Path, shared: bool = False) -> subprocess.Popen:
+    """Another process holding ``lock_file``: as a writer does (exclusive), or as a reader does (``shared``)."""
+    take = ("import fcntl; handle = open({path!r}, 'rb'); fcntl.flock(handle, fcntl.LOCK_SH)" if shared
+            else "from filelock import FileLock; lock = FileLock({path!r}); lock.acquire()")
+    script = f"import time; {take.format(path=str(lock_file))}; print('held', flush=True); time.sleep(120)"
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
