@@ -150,7 +150,7 @@ def test_a_write_error_names_the_file_where_it_was_to_appear(tmp_path):
 
 def test_native_and_size_limited_write_errors(tmp_path, monkeypatch):
     """The system's number in a Rust library's message is read; torch's RuntimeError is read as a file too large
-    only when the process has a file-size limit."""
+    only when the process has a file-size limit and the error is a failed write."""
     with pytest.raises(ValueError, match=f"Cannot write '{tmp_path}': File too large; raise the file-size limit"), \
             disk_errors(tmp_path, resume=False):
         raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
@@ -160,6 +160,8 @@ def test_native_and_size_limited_write_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"this process may write files of 8,192 bytes at most; .*with --resume"), \
             disk_errors(tmp_path):
         raise RuntimeError("unexpected pos 7936 vs 7824")
+    with pytest.raises(RuntimeError, match="out of memory"), disk_errors(tmp_path):  # not a write: left as it is
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 @pytest.mark.parametrize("number, words", [(errno.EFBIG, "ulimit -f"), (errno.EBUSY, "in use")])

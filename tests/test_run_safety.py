@@ -419,3 +419,5 @@ def test_a_full_disk_seen_through_another_exception(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=f"The disk of '{tmp_path}' is full \\(RuntimeError while writing\\)"), \
             disk_errors(tmp_path):
         raise RuntimeError("file write failed")
+    with pytest.raises(RuntimeError, match="mat1 and mat2"), disk_errors(tmp_path):  # not a write: left as it is
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)")

@@ -275,8 +275,9 @@ def disk_errors(output_dir: str | os.PathLike, resume: bool = True) -> Iterator[
     ``ValueError`` naming the path and the fix: run the command again (``resume``: with --resume) once fixed.
 
     Native libraries report the system's error in their own exception types: safetensors with its number in the
-    message ("(os error 28)"), torch without it. So any error is read as a full disk when the disk has (almost) no
-    space left, and torch's ``RuntimeError`` as a file too large when this process has a file-size limit.
+    message ("(os error 28)"), torch without it. So an error that reads as a failed write (``_WRITE_FAILURE``) is
+    taken for a full disk when the disk has (almost) no space left, and for a file too large when this process has
+    a file-size limit; any other error (out of memory, a bug) passes through as it is.
     """
     try:
         yield
@@ -290,16 +291,21 @@ def disk_errors(output_dir: str | os.PathLike, resume: bool = True) -> Iterator[
             path = getattr(error, "filename2", None) or getattr(error, "filename", None) or output_dir
             raise ValueError(f"Cannot write '{path}': {os.strerror(number)}; "
                              f"{_DISK_FIXES[number].format(again=again)}.") from error
+        if not (isinstance(error, OSError) or _WRITE_FAILURE.search(str(error))):
+            raise
         if _disk_full(output_dir):
             raise ValueError(f"The disk of '{output_dir}' is full ({type(error).__name__} while writing); "
                              f"{_DISK_FIXES[errno.ENOSPC].format(again=again)}.") from error
         limit = _file_size_limit()
-        if isinstance(error, RuntimeError) and limit is not None:
+        if limit is not None:
             raise ValueError(f"A file in '{output_dir}' could not be written (RuntimeError) and this process may "
                              f"write files of {limit:,} bytes at most; {_DISK_FIXES[errno.EFBIG].format(again=again)}."
                              ) from error
         raise
 
+
+#: How torch's archive writer and the Rust libraries word a failed write, since they raise no ``OSError``.
+_WRITE_FAILURE = re.compile(r"unexpected pos|PytorchStreamWriter|file write failed|I/O error|os error \d+")
 
 _DISK_FIXES = {
     errno.ENOSPC: "free some space on that disk (or choose another output folder), {again}",
