@@ -4,6 +4,7 @@ through others, and the math (core) knows nothing of transformers or PEFT."""
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,14 @@ def test_the_old_flat_paths_still_import():
     assert tenslora.construction is tenslora.core.construction
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         tenslora.nothing  # noqa: B018
+
+
+def test_an_old_path_leaves_the_module_its_own_spec():
+    """Imported under an old name, a module keeps its spec: its file, its package's search path, reloading."""
+    import tenslora.factorization
+    import tenslora.train
+
+    assert tenslora.app.train.__spec__.name == "tenslora.app.train"
+    assert tenslora.app.train.__spec__.origin == tenslora.app.train.__file__
+    assert tenslora.core.tensors.__spec__.submodule_search_locations
+    assert importlib.reload(tenslora.train) is tenslora.app.train

@@ -1,7 +1,8 @@
 """The flat module paths of tenslora 0.1 (``tenslora.train``, ``tenslora.distributed``...), kept importable.
 
-The package now has rooms (core, tuner, transfer, app); code written against the old paths keeps working:
-``import tenslora.train`` gives the very module ``tenslora.app.train`` (one module object, two names).
+The package now has rooms (core, tuner, transfer, app); the old module paths still import: ``import
+tenslora.train`` gives the very module ``tenslora.app.train`` (one module object, two names). A few helpers moved
+between modules in the move (file writing to ``tenslora.files``) and are imported from their new module.
 """
 
 from __future__ import annotations
@@ -37,10 +38,14 @@ class MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec) -> ModuleType:
-        return importlib.import_module(f"{__package__}.{MOVED[spec.name.rpartition('.')[2]]}")
+        module = importlib.import_module(f"{__package__}.{MOVED[spec.name.rpartition('.')[2]]}")
+        spec.loader_state = module.__spec__  # the import machinery overwrites it with this spec next
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module ran when it was imported under its own name."""
+        """The module ran when it was imported under its own name: only its own spec is put back (what
+        ``importlib.reload`` and tools reading ``__spec__.origin`` use)."""
+        module.__spec__ = module.__spec__.loader_state
 
 
 def old_module(name: str) -> ModuleType:
