@@ -26,6 +26,7 @@ from tenslora.app.options import TrainOptions
 from tenslora.app.runs import LOCK_FILE, check_run_dir, disk_errors, last_checkpoint, run_lock
 from tenslora.app.train import TrainingDiverged, evaluate_run, run_training
 from tenslora.files import new_folder, write_json
+from tenslora.tuner import persistence
 from test_train import FAST, tiny  # noqa: F401  (the session fixture of tiny models and data)
 from tiny import bert
 from tiny_tasks import write_text_files
@@ -90,7 +91,8 @@ def test_a_kill_at_any_rename_leaves_a_whole_adapter(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda *args: calls.append(args) or real_replace(*args))
     tenslora.save_adapter(new, tmp_path / "count")
     renames = len(calls)
-    assert renames >= 3  # the commit, then the config and the weights
+    commit = next(index for index, (_, target) in enumerate(calls, 1) if str(target).endswith(".committed"))
+    assert renames - commit >= 2  # the commit, then the config and the weights
 
     outcomes = []
     for kill_at in range(1, renames + 1):
@@ -115,7 +117,7 @@ def test_a_kill_at_any_rename_leaves_a_whole_adapter(tmp_path, monkeypatch):
         assert (folder / "history.csv").read_text() == "kept"
         tenslora.save_adapter(old, folder)  # and the next save in that folder works
         assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))
-    assert outcomes == ["old"] + ["new"] * (renames - 1)  # killed before the commit: old; after: new
+    assert outcomes == ["old"] * commit + ["new"] * (renames - commit)  # killed before the commit: old; after: new
 
 
 def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path, monkeypatch):
@@ -149,6 +151,47 @@ def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path, monkeypatch):
     tenslora.save_adapter(old, folder)
     assert not unfinished.exists() and (folder / "history.csv").read_text() == "kept"
     assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(old))
+
+
+def test_two_readers_finishing_the_same_interrupted_save_both_load_it(tmp_path, monkeypatch):
+    """Readers share a run's lock: two may find the same committed save, and the second may move its files after
+    the first has moved them and removed the folder (here, one recovery runs inside the other)."""
+    new = _adapter(3, seed=1)
+    folder = tmp_path / "adapter"
+    tenslora.save_adapter(_adapter(2, seed=0), folder)
+    real_replace = os.replace
+
+    def killed_at_the_first_file(source, target):
+        if Path(source).parent.name.endswith(".committed"):
+            raise Killed
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_first_file)
+    with pytest.raises(Killed):
+        tenslora.save_adapter(new, folder)
+    monkeypatch.setattr(os, "replace", real_replace)
+    real_move = persistence._move_into_place
+
+    def moved_by_another_reader_meanwhile(committed, directory, files):
+        real_move(committed, directory, files)
+        real_move(committed, directory, files)
+
+    monkeypatch.setattr(persistence, "_move_into_place", moved_by_another_reader_meanwhile)
+    assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(new))
+    assert not list(folder.glob(".tenslora-save-*"))
+
+
+def test_a_save_that_cannot_write_its_journal_leaves_no_staging_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(persistence, "write_atomic", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tenslora.save_adapter(_adapter(2, seed=0), folder)
+    assert list(folder.iterdir()) == []
 
 
 def test_nothing_the_save_did_not_write_is_moved_or_deleted(tmp_path):

@@ -31,7 +31,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, get_peft_model_st
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..files import sync_to_disk
+from ..files import sync_to_disk, write_atomic
 from .peft_type import PEFT_TYPE_NAME
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,7 +49,7 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike, **kwargs) -> Pa
         raise ValueError(f"'{directory}' is a file; save the adapter into a folder.")
     directory.mkdir(parents=True, exist_ok=True)
     recover_interrupted_save(directory, discard_unfinished=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))  # made by this call: ours to remove
     try:
         _write_journal(staging, files=None)  # from here on the folder is provably ours, even if a kill follows
         if (directory / MODEL_CARD).is_file():
@@ -63,9 +63,8 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike, **kwargs) -> Pa
         os.replace(staging, committed)
         sync_to_disk(directory)
     finally:
-        if _journal(staging) is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    _move_into_place(committed, directory)
+        shutil.rmtree(staging, ignore_errors=True)  # gone already once committed
+    _move_into_place(committed, directory, written)
     return directory
 
 
@@ -84,14 +83,15 @@ def recover_interrupted_save(directory: str | os.PathLike, discard_unfinished: b
         if journal is None:
             continue
         if leftover.name.endswith(COMMITTED) and journal["files"] is not None:
-            _move_into_place(leftover, directory)
+            _move_into_place(leftover, directory, journal["files"])
         elif discard_unfinished:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _write_journal(staging: Path, files: list[str] | None) -> None:
-    """Record that ``staging`` is a save of this module and, once complete, which files it holds."""
-    (staging / JOURNAL).write_text(json.dumps({"format": JOURNAL_FORMAT, "files": files}))
+    """Record that ``staging`` is a save of this module and, once complete, which files it holds (replacing the
+    first record whole: a kill while writing leaves one journal or the other, never half of one)."""
+    write_atomic(staging / JOURNAL, json.dumps({"format": JOURNAL_FORMAT, "files": files}))
 
 
 def _journal(folder: Path) -> dict | None:
@@ -112,11 +112,11 @@ def _is_inside(name: object) -> bool:
     return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
-def _move_into_place(committed: Path, directory: Path) -> None:
-    """Rename every file a committed save's journal lists over its counterpart in ``directory``; repeatable
-    after a kill (a file moved already is skipped)."""
+def _move_into_place(committed: Path, directory: Path, files: list[str]) -> None:
+    """Rename every file a committed save's journal lists (``files``) over its counterpart in ``directory``;
+    repeatable after a kill, and beside another recovery of the same save (a file moved already is skipped)."""
     folders = {directory}
-    for name in _journal(committed)["files"]:
+    for name in files:
         source, target = committed / name, directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):  # moved already, by a recovery running at the same time
