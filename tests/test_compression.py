@@ -198,6 +198,32 @@ def test_a_budget_is_a_ceiling():
     assert within.ranks_after == within.ranks_before and within.parameters_after == report.parameters_after
 
 
+def test_a_budget_keeps_full_the_modes_each_family_keeps_full(tmp_path):
+    """Attention keeps its depth full, the MLP does not: compressed to a budget, each family keeps its own rule
+    (the MLP's depth is not counted or recorded as full), and the saved adapter loads back to the same outputs."""
+    ranks = {"attention": {"in": 4, "out": 4, "qkv": 3, "depth": "full"}, "mlp": {"in": 4, "out": 4, "qkv": 2,
+                                                                                "depth": 1}}
+
+    def adapted() -> PeftModel:
+        torch.manual_seed(0)
+        return get_peft_model(llama(), TensLoraConfig(task_type="SEQ_CLS", init_weights=False, roles="all-linear",
+                                                      ranks=ranks)).eval()
+
+    budget = compress_adapter(adapted(), ranks=2).parameters_after + 50
+    model = adapted()
+    report = compress_adapter(model, budget=budget)
+    assert report.parameters_after <= budget
+    recorded = model.peft_config["default"].ranks
+    assert recorded["attention"]["depth"] == "full" and recorded["mlp"]["depth"] == 1
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs("llama")).logits, model(**inputs("llama")).logits)
+    with pytest.raises(ValueError, match=r"keyed by family takes the families \['attention', 'mlp'\].*\['depth'\]"):
+        tenslora.match_budget("qkv_depth", "tucker", budget, llama().config, roles="all-linear",
+                              fixed={"depth": "full", "mlp": {"qkv": 1}})
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_compression_never_exceeds_its_budget(name):
     """One parameter below rank 2's count, where the closest count is rank 2's: every layout and factorization."""

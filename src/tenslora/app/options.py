@@ -21,7 +21,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
-from ..core.construction import preset_fixed_ranks, read_ranks
+from ..core.construction import read_ranks
 from ..data import BUILTIN_TASKS, CAUSAL_LM_TASK, CUSTOM_TASK, DEFAULT_TASK, FILE_TASKS
 from ..tuner.budgets import lora_parameter_count, match_budget
 from ..tuner.config import TensLoraConfig
@@ -423,9 +423,8 @@ def adapter_config(options: TrainOptions, model_config: Any, task_type: Optional
                             task_type=task_type, modules_to_save=modules_to_save)
     if options.budget is not None and model_config is not None:
         budget = budget_parameters(options.budget, model_config, config)
-        config.ranks = match_budget(config.construction, config.factorization, budget, model_config,
-                                    roles=config.roles, fixed=preset_fixed_ranks(options.construction),
-                                    layout=config.layout, role_patterns=config.role_patterns,
+        config.ranks = match_budget(options.construction, options.factorization, budget, model_config,
+                                    roles=config.roles, layout=config.layout, role_patterns=config.role_patterns,
                                     max_input_rank=options.max_input_rank)
     return config
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from .blocks import block_sizes, check_layout, plan_tensors
 from .construction import (
@@ -60,26 +61,26 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     """Ranks whose parameter count is closest to ``budget`` (ties go to the smaller count); with ``ceiling``,
     the largest ranks whose count is at most ``budget`` (what a compression to a budget must respect).
 
-    Tucker: one common rank r on every mode not in ``fixed``, capped at each mode's size (the
-    mode-specific compression of the paper is reached through ``fixed``, e.g. ``{"qkv": 3}``),
-    the same r for the attention and the MLP tensors; with both families the ranks come keyed by
-    family (``{"attention": {...}, "mlp": {...}}``), as each family's modes have their own sizes.
-    TT: the same with bonds for modes (one common bond rank r, capped at each bond's largest useful
-    rank; ``fixed`` keyed by bond, e.g. ``{"qkv-depth": 2}``). CP: the single rank R. ``layout="blocks"``:
-    the block tensors' modes (one spec, never keyed by family). ``held`` bounds the ranks further, per family
-    (``"blocks"`` under the block layout) and mode or bond: the ranks an adapter holds, which a truncation cannot
-    raise. ``max_input_rank`` is the cost-aware choice: every slice is read as ``x @ A @ B``, so the columns of
-    A (Tucker's ``in`` rank, CP's R, TT's first bond) alone set the cost per token, that of a LoRA of that rank;
-    capped there, the budget goes to the other modes and the core, whose cost is paid once per step. Raises
-    ``ValueError`` when no rank gets within a factor 2 of the budget (``ceiling``: when even the smallest ranks
-    exceed it).
+    Tucker: one common rank r on every mode not in ``fixed``, capped at each mode's size (the mode-specific
+    compression of the paper is reached through ``fixed``, e.g. ``{"qkv": 3}``), the same r for the attention and
+    the MLP tensors; with both families the ranks come keyed by family (``{"attention": {...}, "mlp": {...}}``), as
+    each family's modes have their own sizes. TT: the same with bonds for modes (one common bond rank r, capped at
+    each bond's largest useful rank; ``fixed`` keyed by bond, e.g. ``{"qkv-depth": 2}``). ``fixed`` applies to every
+    family, or to each its own when keyed by family (``{"attention": {"depth": "full"}, "mlp": {}}``, as per-family
+    ranks are). CP: the single rank R. ``layout="blocks"``: the block tensors' modes (one spec, never keyed by
+    family). ``held`` bounds the ranks further, per family (``"blocks"`` under the block layout) and mode or bond:
+    the ranks an adapter holds, which a truncation cannot raise. ``max_input_rank`` is the cost-aware choice: every
+    slice is read as ``x @ A @ B``, so the columns of A (Tucker's ``in`` rank, CP's R, TT's first bond) alone set
+    the cost per token, that of a LoRA of that rank; capped there, the budget goes to the other modes and the core,
+    whose cost is paid once per step. Raises ``ValueError`` when no rank gets within a factor 2 of the budget
+    (``ceiling``: when even the smallest ranks exceed it).
     """
     spec = get_construction(construction)
     check_factorization(factorization)
     budget = check_budget(budget)
     fixed = dict(fixed or {})
     if factorization == "cp":
-        if fixed:
+        if any(fixed.values()):
             raise ValueError("CP has a single rank; `fixed` ranks only apply to Tucker (modes) and TT (bonds).")
         per_rank = count_adapter_parameters(construction, "cp", 1, geometry, layout)
         if max_input_rank is not None:
@@ -106,19 +107,21 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
                        for family, names in family_caps.items()}
     kind = "bond" if factorization == "tt" else "mode"
     names = {name for caps in family_caps.values() for name in caps}
-    unknown = [m for m in fixed if m not in names]
+    fixed_in = fixed_by_family(fixed, family_caps)
+    unknown = sorted({m for modes in fixed_in.values() for m in modes if m not in names})
     if unknown:
         raise ValueError(
             f"`fixed` names {kind}(s) {unknown} that the '{construction}' construction lacks under {factorization}: "
             f"{sorted(names)}."
         )
-    invalid = {m: v for m, v in fixed.items()
+    invalid = {m: v for modes in fixed_in.values() for m, v in modes.items()
                if v != "full" and (isinstance(v, bool) or not isinstance(v, int) or v <= 0)}
     if invalid:
         raise ValueError(f"`fixed` ranks must be positive integers or 'full', got {invalid}.")
 
     def ranks_at(r: int) -> RankSpec:
-        per_family = {family: {m: min(r, n) if m not in fixed else ("full" if fixed[m] == "full" else min(fixed[m], n))
+        per_family = {family: {m: min(r, n) if m not in fixed_in[family] else
+                               ("full" if fixed_in[family][m] == "full" else min(fixed_in[family][m], n))
                                for m, n in caps.items()}
                       for family, caps in family_caps.items()}
         if factorization == "tt":  # bonds within what their neighbours allow ("full" included)
@@ -127,7 +130,7 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
                 for family, ranks in per_family.items()}
         return one_or_per_family(per_family)
 
-    free_caps = [n for caps in family_caps.values() for m, n in caps.items() if m not in fixed]
+    free_caps = [n for family, caps in family_caps.items() for m, n in caps.items() if m not in fixed_in[family]]
     best, best_count = None, None
     for r in range(1, max(free_caps, default=1) + 1):
         ranks = ranks_at(r)
@@ -137,6 +140,19 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
         if count > budget:
             break  # counts grow with r: nothing further can be closer, or within the ceiling
     return _checked(best, count if best is None else best_count, budget, construction, factorization, ceiling)
+
+
+def fixed_by_family(fixed: Mapping[str, Any], families: Iterable[str]) -> dict[str, dict[str, int | str]]:
+    """``fixed`` ranks per family: a mapping of modes (bonds) applies to every family, one keyed by family gives
+    each its own (a family it leaves out has none fixed)."""
+    families = list(families)
+    if not any(isinstance(value, Mapping) for value in fixed.values()):
+        return {family: dict(fixed) for family in families}
+    others = [key for key, value in fixed.items() if key not in families or not isinstance(value, Mapping)]
+    if others:
+        raise ValueError(f"`fixed` keyed by family takes the families {families}, each a mapping of modes to ranks; "
+                         f"got {others} beside them. Key it by mode, or by family.")
+    return {family: dict(fixed.get(family, {})) for family in families}
 
 
 def _sets_input_rank(name: str) -> bool:

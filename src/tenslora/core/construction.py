@@ -597,12 +597,22 @@ def expand_preset(name: str, ranks: RankSpec) -> tuple[str, str, RankSpec]:
     return preset.construction, preset.factorization, ranks
 
 
-def preset_fixed_ranks(name: str, ranks: RankSpec | None = None) -> dict[str, str] | None:
+def preset_fixed_ranks(name: str, ranks: RankSpec | None = None,
+                       ) -> dict[str, str] | dict[str, dict[str, str]] | None:
     """The modes (bonds) a budget keeps full, for ``match_budget``'s ``fixed``: those a preset's rule keeps full
     (LoTR's depth), or those a config's ``ranks`` write as ``"full"`` (which is how a preset's rule is recorded
-    once expanded, and what a user asks for); ``None`` where there is none. The one rule of every budget path."""
+    once expanded, and what a user asks for), keyed by family where ``ranks`` are; ``None`` where there is none.
+    The one rule of every budget path."""
     if name in PRESETS:
         ranks = expand_preset(name, 1)[2]
-    specs = (_family_specs(ranks) or {"": ranks}) if isinstance(ranks, Mapping) else {}
-    return {mode: "full" for spec in specs.values() if isinstance(spec, Mapping)
-            for mode, rank in spec.items() if rank == "full"} or None
+    if not isinstance(ranks, Mapping):
+        return None
+    specs = _family_specs(ranks)
+    if specs is None:
+        return _full_modes(ranks) or None
+    per_family = {family: _full_modes(spec) for family, spec in specs.items()}
+    return per_family if any(per_family.values()) else None
+
+
+def _full_modes(spec: RankSpec) -> dict[str, str]:
+    return {mode: "full" for mode, rank in spec.items() if rank == "full"} if isinstance(spec, Mapping) else {}

@@ -138,10 +138,16 @@ def compress_adapter(peft_model: PeftModel, ranks: RankSpec | None = None, energ
         replacement = truncated(bank.tensor(key), tensor_ranks).to(parameter.device, parameter.dtype)
         bank.tensors[key] = replacement.requires_grad_(parameter.requires_grad)
     bank.ranks = new.ranks
-    # The modes kept full stay "full" in the config, so that the next compression keeps them too.
-    config.ranks = new.ranks if fixed is None else one_or_per_family(
-        {family: {name: "full" if name in fixed else rank for name, rank in family_ranks.items()}
-         for family, family_ranks in _by_family(new).items()})
+    # The modes kept full stay "full" in the config (in their own family), so that the next compression keeps
+    # them too.
+    if fixed is not None:
+        by_family = _by_family(new)
+        full = budgets.fixed_by_family(fixed, by_family)
+        config.ranks = one_or_per_family({family: {name: "full" if name in full[family] else rank
+                                                   for name, rank in family_ranks.items()}
+                                          for family, family_ranks in by_family.items()})
+    else:
+        config.ranks = new.ranks
     return RefitReport(current.ranks, new.ranks, parameters_before, _bank_parameters(bank),
                        relative_error(before, delta_weights(peft_model, adapter_name)))
 
