@@ -319,6 +319,10 @@ def test_lora_truncated_to_a_budget_is_the_hosvd_of_its_stack():
     ("att", {"ranks": 2}, {}, 5, "not divisible by the number of attention heads 5"),
     ("qkv", {"ranks": 2, "roles": ["q"]}, {"target_modules": ["query", "value"]}, None,
      r"The LoRA adapts roles \['q', 'v'\]; roles=\['q'\] would drop its updates of \['v'\]"),
+    ("qkv", {"ranks": 2, "roles": "q"}, {"target_modules": ["query", "value"]}, None,
+     r"The LoRA adapts roles \['q', 'v'\]; roles=\['q'\] would drop its updates of \['v'\]"),
+    ("qkv", {"ranks": 2, "roles": "all-linear"}, {"target_modules": ["query", "value"]}, None,
+     r"no update for \d+ module\(s\)"),
     ("depth", {"ranks": 2}, {"layers_to_transform": [0]}, None,
      r"no update for 1 module\(s\).*\(bert.encoder.layer.1.attention.self.query\): they would get a zero update"),
     ("qkv", {"budget": "lora:4"}, {}, None, r"`budget` must be a positive number of parameters \(an int\)"),
@@ -334,6 +338,14 @@ def test_from_lora_refuses_before_it_consumes_the_lora(construction, arguments, 
         from_lora(lora, construction, **arguments)
     assert layers and _lora_layers(lora) == layers
     torch.testing.assert_close(_logits(lora), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("roles", ["q,v", ["v", "q"], None])
+def test_from_lora_reads_roles_as_everywhere_else(roles):
+    """Roles as one string, a list in any order, or left out (the LoRA's): the same adapter."""
+    lora = _trained_lora(bert, r=2, target_modules=["query", "value"])
+    fitted, _ = from_lora(lora, "qkv", ranks=2, roles=roles)
+    assert fitted.peft_config["default"].roles == ["q", "v"]
 
 
 def _lora_layers(model: PeftModel) -> list[str]:

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from ..core import budget as budgets
 from ..core.bank import TensorBank, slice_rows
 from ..core.blocks import PlannedTensors, plan_tensors
-from ..core.construction import ROLE_NAMES, RankSpec, one_or_per_family, preset_fixed_ranks
+from ..core.construction import ALL_LINEAR, ROLE_NAMES, RankSpec, one_or_per_family, parse_roles, preset_fixed_ranks
 from ..core.truncation import check_energy, family_energy_ranks, fit, place_slice, truncated
 from ..tuner.budgets import match_budget
 from ..tuner.config import TensLoraConfig, adapter_config_of
@@ -196,11 +196,11 @@ def from_lora(lora: PeftModel | str | os.PathLike, construction: str, ranks: Ran
                           if f".lora_A.{adapter_name}." in name or f".lora_B.{adapter_name}." in name)
     adapted = lora.get_base_model()  # the base with the LoRA layers still in: every check runs on it
     lora_roles = _lora_roles(adapted, deltas)
-    dropped = [role for role in lora_roles if roles is not None and role not in roles]
+    roles = lora_roles if roles is None else parse_roles(roles)  # "q,v", ["q", "v"] or "all-linear"
+    dropped = [role for role in lora_roles if roles != ALL_LINEAR and role not in roles]
     if dropped:
-        raise ValueError(f"The LoRA adapts roles {lora_roles}; roles={list(roles)} would drop its updates of "
+        raise ValueError(f"The LoRA adapts roles {lora_roles}; roles={roles} would drop its updates of "
                          f"{dropped}. Include them in `roles`, or leave `roles` out (the LoRA's).")
-    roles = list(roles) if roles is not None else lora_roles
     config = TensLoraConfig(construction=construction, factorization=factorization, ranks=ranks_to_check, roles=roles,
                             task_type=lora_config.task_type, modules_to_save=lora_config.modules_to_save,
                             bias=_TENSLORA_BIAS[lora_config.bias], dropout=lora_config.lora_dropout,
