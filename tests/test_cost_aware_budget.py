@@ -40,6 +40,14 @@ def test_cp_and_tt_cap_what_sets_their_cost_per_token():
     assert all(family["in-out"] == 4 and family["out-qkv"] > 4 for family in ranks.values())
 
 
+@pytest.mark.parametrize("factorization", ["tucker", "cp"])
+@pytest.mark.parametrize("max_input_rank", [0, -1, "8", 2.5, True])
+def test_a_max_input_rank_that_is_no_rank_is_named(factorization, max_input_rank):
+    with pytest.raises(ValueError, match=f"`max_input_rank` must be a positive integer .*got {max_input_rank!r}"):
+        tenslora.match_budget("qkv_depth", factorization, 30_000, SMOLLM2, roles="all-linear",
+                              max_input_rank=max_input_rank)
+
+
 def test_the_train_option_needs_a_budget_and_reaches_the_ranks(tmp_path, capsys):
     with pytest.raises(ValueError, match="--max-input-rank bounds the ranks --budget chooses"):
         TrainOptions(max_input_rank=8)

@@ -78,6 +78,10 @@ def match_budget(construction: str, factorization: str, budget: int, geometry: G
     spec = get_construction(construction)
     check_factorization(factorization)
     budget = check_budget(budget)
+    if max_input_rank is not None and (isinstance(max_input_rank, bool) or
+                                       not isinstance(max_input_rank, numbers.Integral) or max_input_rank < 1):
+        raise ValueError(f"`max_input_rank` must be a positive integer (the rank that sets the cost per token, e.g. "
+                         f"LoRA's rank at its budget), got {max_input_rank!r}.")
     fixed = dict(fixed or {})
     if factorization == "cp":
         if any(fixed.values()):
