@@ -40,9 +40,13 @@ def load_gguf(loader: Any, model: str, loads_weights: bool, **kwargs: Any) -> An
     try:
         return loader.from_pretrained(folder, **{**arguments, **kwargs})
     except (OSError, ValueError, KeyError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"Cannot load the GGUF file '{model}' ({reason}); pass a GGUF file of an architecture "
+        raise ValueError(f"Cannot load the GGUF file '{model}' ({first_line(error)}); pass a GGUF file of an architecture "
                          "transformers reads from GGUF (LLaMA, Mistral, Qwen2, ...) or a model folder.") from None
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an error's message (or its type's name): what a one-line refusal quotes of it."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def check_not_quantized(model: str, quantization: str | None) -> None:

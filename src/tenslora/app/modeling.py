@@ -41,7 +41,7 @@ from ..data import CAUSAL_LM_TASK
 from ..tuner.persistence import load_adapter
 from ..tuner.quantized import check_bitsandbytes_installed, dense_weight
 from ..tuner.quantized import quantization as layer_quantization
-from .gguf import check_not_quantized, is_gguf, load_gguf
+from .gguf import check_not_quantized, first_line, is_gguf, load_gguf
 from .pooling import MeanPoolingForSequenceClassification
 
 DEFAULT_IMAGE_MODEL = "google/vit-base-patch16-224"
@@ -109,12 +109,8 @@ def from_pretrained(loader: Any, model: str, trust_remote_code: bool = False, **
         raise ValueError(_damaged_preprocessor(model, error)) from error
 
 
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _cannot_load(model: str, error: OSError) -> ValueError:
-    return ValueError(f"Cannot load '{model}' ({_first_line(error)}); pass a local model folder or a hub id you can "
+    return ValueError(f"Cannot load '{model}' ({first_line(error)}); pass a local model folder or a hub id you can "
                       "download with --model.")
 
 
@@ -132,7 +128,7 @@ def _damaged_weights(model: str, error: Exception) -> str:
     files = sorted(Path(config).parent.glob("*.safetensors")) if config else []
     damaged = next((path for path in files if not _opens(path)), None)
     where = f"'{damaged}'" if damaged else f"A weights file of '{model}'"
-    return (f"{where} is damaged ({_first_line(error)}): cut short by an interrupted download or copy? Download or "
+    return (f"{where} is damaged ({first_line(error)}): cut short by an interrupted download or copy? Download or "
             "copy the model again, or pass another --model.")
 
 
@@ -158,7 +154,7 @@ def _damaged_preprocessor(model: str, error: Exception) -> str:
         if problem:
             return f"'{path}' is damaged: it {problem}. Restore it from the model's source, or pass another --model."
     return (f"The tokenizer or image processor files of '{model}' do not load ({type(error).__name__}: "
-            f"{_first_line(error)}); restore them from the model's source, or pass another --model.")
+            f"{first_line(error)}); restore them from the model's source, or pass another --model.")
 
 
 def _remote_code(model: str) -> bool:

@@ -45,8 +45,8 @@ def causal_lm_task(train_file: str | None = None, validation_file: str | None = 
 
 def load_causal_lm_task(spec: TaskSpec, max_train: int | None = None, max_validation: int | None = None,
                         max_test: int | None = None, seed: int = 0) -> DatasetDict:
-    """Train/validation/test splits with a ``text`` column or ``prompt`` and ``completion`` columns (only those),
-    cut to the ``max_*`` sizes as ``subsample`` does."""
+    """Train/validation/test splits with a ``text`` column, ``prompt`` and ``completion`` columns, or a
+    ``messages`` column (conversations), cut to the ``max_*`` sizes as ``subsample`` does."""
     data = complete_splits(spec.load())
     check_not_empty(data)
     return subsample(data, {"train": max_train, "validation": max_validation, "test": max_test}, seed)

@@ -2,7 +2,7 @@
 (``compress_adapter``), and a trained PEFT LoRA adapter turned into a TensLoRA one (``from_lora``).
 
 Both report the relative error of the updates, ``||Delta W_new - Delta W||_F / ||Delta W||_F`` over every adapted
-projection (the scaled updates, as merged). The mathematics is in ``compression.py``.
+projection (the scaled updates, as merged). The mathematics is in ``core/truncation.py``.
 """
 
 from __future__ import annotations

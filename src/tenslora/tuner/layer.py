@@ -2,8 +2,8 @@
 
 It owns no trainable parameter: it reads its slice of the adapter's shared tensors (the
 :class:`TensorBank` on the tuner) at each forward pass, as the factor pair (A, B) of
-``factorization.py``. A fused projection (q, k, v side by side) reads one slice per role; in the
-block layout (blocks.py) a role reads one slice per d x d block, their B side by side.
+``core/tensors/``. A fused projection (q, k, v side by side) reads one slice per role; in the
+block layout (``core/blocks.py``) a role reads one slice per d x d block, their B side by side.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class TensLoraLayer(nn.Module, BaseTunerLayer):
             address = segment.blocks[0]
             b = side_by_side(segment.blocks, [bank.scaled_output(block, scaling, x.dtype) for block in segment.blocks])
             first, second = factor_order(address, bank.tensor(address.key).input_factor(), b)
-            # x U_in is shared by the roles that read x (reuse.py); a transposed role's x B^T is its own.
+            # x U_in is shared by the roles that read x (core/reuse.py); a transposed role's x B^T is its own.
             head = x @ first if address.transposed else bank.project(address, x)
             pieces.append(head @ second.to(x.dtype))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
