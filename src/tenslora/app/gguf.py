@@ -40,8 +40,9 @@ def load_gguf(loader: Any, model: str, loads_weights: bool, **kwargs: Any) -> An
     try:
         return loader.from_pretrained(folder, **{**arguments, **kwargs})
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"Cannot load the GGUF file '{model}' ({first_line(error)}); pass a GGUF file of an architecture "
-                         "transformers reads from GGUF (LLaMA, Mistral, Qwen2, ...) or a model folder.") from None
+        raise ValueError(f"Cannot load the GGUF file '{model}' ({first_line(error)}); pass a GGUF file of an "
+                         "architecture transformers reads from GGUF (LLaMA, Mistral, Qwen2, ...) or a model folder."
+                         ) from None
 
 
 def first_line(error: Exception) -> str:
