@@ -306,15 +306,27 @@ def test_exact_match_decodes_in_the_run_s_precision(bf16):
 
 
 def test_a_prompt_completion_run_scores_what_it_generates_against_the_base(tiny, tmp_path, capsys):
+    """Every prompt is answered by one word, which the fine-tune learns and the base does not: each recorded score
+    is that of its own split's answers, by the trained adapter (or, for the base's, with the adapter off)."""
+    answer = tiny_llm.sentences(1, seed=99, length=1)[0]
+    files = {}
+    for split, (count, seed) in {"train": (32, 0), "validation": (8, 1), "test": (8, 2)}.items():
+        files[split] = tmp_path / f"{split}.jsonl"
+        _write_jsonl(files[split], [{"prompt": prompt, "completion": f" {answer}"}
+                                    for prompt in tiny_llm.sentences(count, seed + 10, 4)])
     out = tmp_path / "run"
     argv = ["train", f"--model={tiny / 'llama'}", f"--output-dir={out}", "--task=causal-lm", "--epochs=3",
             "--lr=3e-2", "--batch-size=8", "--max-length=32", "--no-bf16"]
-    argv += [f"--{name.replace('_', '-')}={path}" for name, path in _files(tiny, "pairs").items()]
+    argv += [f"--{split}-file={path}" for split, path in files.items()]
     assert main(argv) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    for scores in (metrics["test"], metrics["validation"]):
-        assert 0.0 <= scores["exact_match"] <= 1.0
-    assert 0.0 <= metrics["base_test_exact_match"] <= 1.0
+    model, tokenizer = load_trained_model(str(out), read_run(str(out)))
+    rows = {split: Dataset.from_json(str(files[split])) for split in ("validation", "test")}
+    for split in ("test", "validation"):
+        assert metrics[split]["exact_match"] == exact_match(model, tokenizer, rows[split], split)
+    with model.disable_adapter():
+        assert metrics["base_test_exact_match"] == exact_match(model, tokenizer, rows["test"], "test")
+    assert metrics["test"]["exact_match"] > metrics["base_test_exact_match"]  # the two are told apart
     printed = capsys.readouterr().out
     assert f"exact_match {metrics['test']['exact_match']:.4f}" in printed
     assert f"base model (adapter off): test exact_match {metrics['base_test_exact_match']:.4f}" in printed
