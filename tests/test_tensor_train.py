@@ -9,6 +9,7 @@ import tensorly as tl
 import torch
 import torch._dynamo as dynamo
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 import tenslora
 from dense import dense_slice, dense_tensor
@@ -223,6 +224,32 @@ def test_tt_adapter_saves_and_loads(tmp_path):
     assert loaded.peft_config["default"].factorization == "tt"
     with torch.no_grad():
         torch.testing.assert_close(outputs(loaded, "llama"), expected)
+
+
+def test_an_adapter_saved_with_oversized_bonds_loads_rounded_exactly(tmp_path):
+    """Earlier versions kept a bond above what its neighbours allow (out-qkv 6 where qkv-depth 1 allows 3): such
+    a saved adapter (here its out-qkv bond widened by M and M's pseudo-inverse, an exact but redundant rank 6) loads
+    rounded to the bond the config now resolves to, with the same outputs."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="neighbours allow"):
+        model = get_peft_model(bert(), TensLoraConfig(construction="qkv_depth", factorization="tt", ranks=[4, 6, 1],
+                                                      init_weights=False))
+    with torch.no_grad():
+        expected = outputs(model, "bert")
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    saved = load_file(weights)
+    (out_key,) = [key for key in saved if key.endswith("factors.out")]
+    (qkv_key,) = [key for key in saved if key.endswith("factors.qkv")]
+    widen = torch.randn(3, 6, dtype=torch.float64)
+    saved[out_key] = (saved[out_key].double() @ widen).float()  # (4, 32, 6)
+    saved[qkv_key] = torch.einsum("ab,bqc->aqc", torch.linalg.pinv(widen), saved[qkv_key].double()).float()
+    save_file(saved, weights)
+    with pytest.warns(UserWarning, match="neighbours allow"):
+        loaded = PeftModel.from_pretrained(bert(), tmp_path)
+    assert loaded.base_model.tenslora_tensors["default"].tensor("all").factors["out"].shape == (4, 32, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs(loaded, "bert"), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_params_table_with_tt():

@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from ..core.bank import TensorBank
 from ..core.budget import count_adapter_parameters
 from ..core.construction import FAMILIES, Geometry, get_construction
+from ..core.truncation import truncate_tt
 from .architectures import (
     Target,
     config_value,
@@ -296,6 +297,8 @@ class TensLoraModel(BaseTuner):
                 f"{_first(missing)}, unexpected tensors {_first(unexpected)}. The config and the weights do not "
                 "belong together: re-save the adapter, or restore its adapter_config.json or adapter_model.safetensors."
             )
+        if config.factorization == "tt":
+            remapped = _round_oversized_bonds(remapped, {key: value for key, value in own.items() if key in bank_keys})
         for key, value in remapped.items():
             if marker in key and key in own and tuple(value.shape) != tuple(own[key].shape):
                 raise ValueError(
@@ -312,6 +315,30 @@ class TensLoraModel(BaseTuner):
         if marker in key:
             return key.replace(marker, f"{_BANKS}.", 1)
         return super()._remove_adapter_name_from_key(key, adapter_name)
+
+
+def _round_oversized_bonds(saved: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensor-train cores saved with bonds larger than their neighbours allow (what earlier versions kept for a
+    "full" or too large bond), rounded to the bonds the config now resolves to. The extra rank carried nothing (an
+    unfolding's rank is at most its smaller side), so the rounding is exact and the adapter loads unchanged."""
+    tensors: dict[str, list[str]] = {}
+    for key in own:  # a tensor's cores, in its modes' order
+        tensors.setdefault(key.rsplit(".factors.", 1)[0], []).append(key)
+    rounded = dict(saved)
+    for keys in tensors.values():
+        if any(key not in saved for key in keys):
+            continue  # named as missing by the caller
+        shapes, wanted = [saved[key].shape for key in keys], [own[key].shape for key in keys]
+        if shapes == wanted or [len(shape) for shape in shapes] != [len(shape) for shape in wanted]:
+            continue
+        # G_in is (d_in x r_1), the others (r_(k-1) x n_k [x r_k]): each mode's size, then each bond's rank
+        sizes = [[shape[0] if k == 0 else shape[1] for k, shape in enumerate(cores)] for cores in (shapes, wanted)]
+        bonds, kept = ([shape[-1] for shape in cores[:-1]] for cores in (shapes, wanted))
+        if sizes[0] != sizes[1] or any(bond < rank for bond, rank in zip(bonds, kept, strict=True)):
+            continue  # not merely oversized bonds: the caller's shape check names it
+        cores = truncate_tt([saved[key].double() for key in keys], kept)
+        rounded.update({key: core.to(saved[key].dtype) for key, core in zip(keys, cores, strict=True)})
+    return rounded
 
 
 def _first(names: list[str], count: int = 5) -> str:

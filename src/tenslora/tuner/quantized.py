@@ -1,15 +1,15 @@
 """Reading and writing the weight of an adapted base layer, whether plain or quantized by bitsandbytes.
 
-Merging needs the base weight as a dense fp32 matrix and a layer to hold the merged matrix. For a
-plain ``nn.Linear``/``Conv1D`` that is the layer itself, and the merge a cast. For a bitsandbytes
-``Linear4bit`` (nf4/fp4) or ``Linear8bitLt`` base it is a new dense layer (:class:`DequantizedLinear`)
-holding the dequantized W + delta W in fp32: a trained delta W is far below the 4-bit (and 8-bit) quantization
-step, so requantizing W + delta W rounds it away (SmolLM2-135M, nf4: what is kept has cosine 0.08 with
-delta W; benchmarks/real_quantized_merge.py). A PEFT user merges to keep the fine-tune, and calls ``merge_and_unload()`` from recipes
-and trainers that a refusal would break, so a dense merge is the default; requantizing into a
-layer of the same kind stays available inside :func:`requantizing_merge`, which reports how much of
-the update survived. Either way the quantized original is kept while merged (:func:`keep_original`)
-and put back as it was on unmerge (:func:`restore_original`): subtracting the update would round twice.
+Merging needs the base weight as a dense fp32 matrix and a layer to hold the merged matrix. For a plain
+``nn.Linear``/``Conv1D`` that is the layer itself, and the merge a cast. For a bitsandbytes ``Linear4bit`` (nf4/fp4)
+or ``Linear8bitLt`` base it is a new dense layer (:class:`DequantizedLinear`) holding the dequantized W + delta W in
+fp32: a trained delta W is far below the 4-bit (and 8-bit) quantization step, so requantizing W + delta W rounds it
+away (SmolLM2-135M, nf4: what is kept has cosine 0.08 with delta W; benchmarks/real_quantized_merge.py). A PEFT user
+merges to keep the fine-tune, and calls ``merge_and_unload()`` from recipes and trainers that a refusal would break,
+so a dense merge is the default; requantizing into a layer of the same kind stays available inside
+:func:`requantizing_merge`, which reports how much of the update survived. Either way the quantized original is kept
+while merged (:func:`keep_original`) and put back as it was on unmerge (:func:`restore_original`): subtracting the
+update would round twice.
 
 bitsandbytes is optional: a module can only be a bitsandbytes layer if bitsandbytes was imported by
 whoever built it, so this module never imports it itself.
