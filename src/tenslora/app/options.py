@@ -288,7 +288,7 @@ class TrainOptions:
 def default_threads(kind: str, processes: int = 1) -> int:
     """torch CPU threads when ``threads`` is not given: 1 for a classifier (its small matrices run fastest on one
     core when cores are shared), the cores left to each of ``processes`` runs for a causal LM (on 2 cores a
-    SmolLM2 step takes 0.65x the time on two threads; see docs/performance.md)."""
+    SmolLM2 step takes 0.53x the time on two threads; see docs/performance.md)."""
     if kind != "causal-lm":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
