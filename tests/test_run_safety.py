@@ -120,13 +120,8 @@ def test_a_kill_at_any_rename_leaves_a_whole_adapter(tmp_path, monkeypatch):
     assert outcomes == ["old"] * commit + ["new"] * (renames - commit)  # killed before the commit: old; after: new
 
 
-def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path, monkeypatch):
-    """A save killed before its commit is discarded by the next save; one killed after it is finished by the
-    next load, which moves the files its journal lists and nothing else."""
-    old, new = _adapter(2, seed=0), _adapter(3, seed=1)
-    folder = tmp_path / "adapter"
-    tenslora.save_adapter(old, folder)
-    (folder / "history.csv").write_text("kept")
+def _save_killed_after_its_commit(model: PeftModel, folder: Path, monkeypatch) -> None:
+    """``save_adapter(model, folder)`` killed at the first file it moves out of its committed staging folder."""
     real_replace = os.replace
 
     def killed_at_the_first_file(source, target):
@@ -136,8 +131,18 @@ def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", killed_at_the_first_file)
     with pytest.raises(Killed):
-        tenslora.save_adapter(new, folder)
+        tenslora.save_adapter(model, folder)
     monkeypatch.setattr(os, "replace", real_replace)
+
+
+def test_leftovers_of_an_interrupted_save_are_recovered(tmp_path, monkeypatch):
+    """A save killed before its commit is discarded by the next save; one killed after it is finished by the
+    next load, which moves the files its journal lists and nothing else."""
+    old, new = _adapter(2, seed=0), _adapter(3, seed=1)
+    folder = tmp_path / "adapter"
+    tenslora.save_adapter(old, folder)
+    (folder / "history.csv").write_text("kept")
+    _save_killed_after_its_commit(new, folder, monkeypatch)
     (committed,) = folder.glob(".tenslora-save-*.committed")
     (committed / "notes.txt").write_text("not in the journal")  # put there by someone else: not ours to move
     assert _same(_state(tenslora.load_adapter(bert(), folder)), _state(new))
@@ -159,17 +164,7 @@ def test_two_readers_finishing_the_same_interrupted_save_both_load_it(tmp_path, 
     new = _adapter(3, seed=1)
     folder = tmp_path / "adapter"
     tenslora.save_adapter(_adapter(2, seed=0), folder)
-    real_replace = os.replace
-
-    def killed_at_the_first_file(source, target):
-        if Path(source).parent.name.endswith(".committed"):
-            raise Killed
-        real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", killed_at_the_first_file)
-    with pytest.raises(Killed):
-        tenslora.save_adapter(new, folder)
-    monkeypatch.setattr(os, "replace", real_replace)
+    _save_killed_after_its_commit(new, folder, monkeypatch)
     real_move = persistence._move_into_place
 
     def moved_by_another_reader_meanwhile(committed, directory, files):
