@@ -298,9 +298,9 @@ def disk_errors(output_dir: str | os.PathLike, resume: bool = True) -> Iterator[
                              f"{_DISK_FIXES[errno.ENOSPC].format(again=again)}.") from error
         limit = _file_size_limit()
         if limit is not None:
-            raise ValueError(f"A file in '{output_dir}' could not be written (RuntimeError) and this process may "
-                             f"write files of {limit:,} bytes at most; {_DISK_FIXES[errno.EFBIG].format(again=again)}."
-                             ) from error
+            raise ValueError(f"A file in '{output_dir}' could not be written ({type(error).__name__}) and this "
+                             f"process may write files of {limit:,} bytes at most; "
+                             f"{_DISK_FIXES[errno.EFBIG].format(again=again)}.") from error
         raise
 
 
