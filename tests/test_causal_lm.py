@@ -17,13 +17,14 @@ from peft import PeftModel
 
 import tenslora
 import tiny_llm
+from tenslora.app import train
 from tenslora.app.cli import main
 from tenslora.app.export import export_run, merge_run
 from tenslora.app.generation import exact_match
 from tenslora.app.modeling import load_trained_model
 from tenslora.app.options import TrainOptions
-from tenslora.app.runs import read_run
-from tenslora.app.train import check_decoder, evaluate_run, prepare, run_training
+from tenslora.app.runs import LOCK_FILE, read_run
+from tenslora.app.train import TrainingDiverged, check_decoder, evaluate_run, loss_ceiling, prepare, run_training
 from tenslora.data import CausalLmCollator, DataError, tokenize_causal_lm
 from tenslora.data.causal_lm import IGNORE_INDEX
 from tenslora.tuner.quantized import dense_weight
@@ -330,6 +331,24 @@ def test_a_prompt_completion_run_scores_what_it_generates_against_the_base(tiny,
     printed = capsys.readouterr().out
     assert f"exact_match {metrics['test']['exact_match']:.4f}" in printed
     assert f"base model (adapter off): test exact_match {metrics['base_test_exact_match']:.4f}" in printed
+
+
+def test_a_causal_lm_s_loss_ceiling_is_twice_a_uniform_guess_s(tiny):
+    vocabulary = len(tiny_llm.tokenizer())
+    prepared = prepare(TrainOptions(model=str(tiny / "llama"), **_files(tiny, "text"), **FAST))
+    assert loss_ceiling(prepared) == pytest.approx(2 * math.log(vocabulary))
+
+
+def test_a_causal_lm_whose_loss_passes_its_ceiling_is_stopped_at_once(tiny, tmp_path, monkeypatch):
+    """A language model whose training loss is past believable stops at the first logged loss, before anything
+    is saved, with the rate to lower (a sweep records it as diverged and moves on)."""
+    monkeypatch.setattr(train, "loss_ceiling", lambda prepared: 0.5)  # below any loss the tiny model logs
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 1: the training loss, [\d.]+, is above twice that "
+                                               r"of a uniform guess over the vocabulary \(0\.5\)\. Lower --lr "
+                                               r"\(it is 0\.01\).*nothing of this run was saved"):
+        run_training(TrainOptions(model=str(tiny / "llama"), output_dir=str(out), **_files(tiny, "text"), **FAST))
+    assert sorted(path.name for path in out.iterdir()) == sorted([LOCK_FILE, "run.json"])
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

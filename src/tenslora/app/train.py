@@ -238,11 +238,17 @@ class TrainingDiverged(ValueError):
 
 
 class DivergenceCheck(TrainerCallback):
-    """Stops a run whose trained weights are no longer finite, before they are checkpointed or saved.
+    """Stops a run whose trained weights are no longer finite, or (a causal LM) whose training loss is far
+    worse than a uniform guess over the vocabulary, before it is checkpointed or saved.
 
     A non-finite loss (a learning rate far too large, bad inputs) gives non-finite gradients and then
     non-finite weights: the check after every optimizer step is one reduction over the trained tensors.
+    A language model whose logged loss passes ``loss_ceiling`` (twice a uniform guess's) has unlearnt its
+    language: training on would only spend the run's time (its learning rate is too large).
     """
+
+    def __init__(self, loss_ceiling: float | None = None) -> None:
+        self.loss_ceiling = loss_ceiling
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # A parameter sharded by FSDP2 (a DTensor) is checked by each process on its own shard.
@@ -252,12 +258,32 @@ class DivergenceCheck(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         total = torch.stack([parameter.detach().sum(dtype=torch.float32) for parameter in self.trained]).sum()
         if not torch.isfinite(total):
-            kept = last_checkpoint(args.output_dir)
-            raise TrainingDiverged(
-                f"Training diverged at step {state.global_step}: the loss is no longer finite (NaN or inf weights "
-                f"after the update). Lower --lr (it is {args.learning_rate:g}) and train in a new --output-dir; "
-                + (f"the last good checkpoint, '{kept}', is kept." if kept else "nothing of this run was saved."),
-                state.global_step)
+            self._stop(args, state, "the loss is no longer finite (NaN or inf weights after the update)")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if self.loss_ceiling is not None and loss is not None and loss > self.loss_ceiling:
+            self._stop(args, state, f"the training loss, {loss:.3g}, is above twice that of a uniform guess "
+                                    f"over the vocabulary ({self.loss_ceiling:.3g})")
+
+    @staticmethod
+    def _stop(args: TrainingArguments, state: Any, why: str) -> None:
+        kept = last_checkpoint(args.output_dir)
+        raise TrainingDiverged(
+            f"Training diverged at step {state.global_step}: {why}. Lower --lr (it is {args.learning_rate:g}) and "
+            "train in a new --output-dir; "
+            + (f"the last good checkpoint, '{kept}', is kept." if kept else "nothing of this run was saved."),
+            state.global_step)
+
+
+def loss_ceiling(prepared: Prepared) -> float | None:
+    """A causal LM's highest believable training loss: twice a uniform guess's over its vocabulary,
+    ``2 ln(vocab_size)``. A pretrained model starts far below ln(vocab_size), a randomly initialised one at it;
+    a fine-tune past twice that has unlearnt the language (``DivergenceCheck``). None for a classifier, whose
+    few classes leave no such margin."""
+    if prepared.data.modality != CAUSAL_LM_TASK:
+        return None
+    return 2 * math.log(prepared.model.get_output_embeddings().weight.shape[0])
 
 
 def perplexity(loss: float) -> float:
@@ -338,7 +364,8 @@ def _claim(output_dir: str, options: TrainOptions, run: dict[str, Any]) -> None:
 def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArguments, output_dir: str,
            start: float) -> dict[str, Any]:
     trainer = make_trainer(prepared, arguments,
-                           callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE)), DivergenceCheck()])
+                           callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE)),
+                                      DivergenceCheck(loss_ceiling(prepared))])
     checkpoint = resumable_checkpoint(output_dir) if options.resume else None
     trained = trainer.train(resume_from_checkpoint=checkpoint)
     history = history_rows(trainer.state.log_history)

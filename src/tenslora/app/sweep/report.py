@@ -218,7 +218,8 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
                   f"seeds [95 % t-interval]).", "", matching]
     diverged = [run for run in runs if DIVERGED in run]
     if diverged:
-        lines += ["", "## Diverged", "", "Runs whose loss became NaN or infinite: a rate at which a row diverged "
+        lines += ["", "## Diverged", "", "Runs whose loss became NaN or infinite (or, a causal LM's, passed twice that "
+                  "of a uniform guess over its vocabulary): a rate at which a row diverged "
                   "counts as its worst in the choice of its rate; a seed that diverged at the chosen rate is left "
                   "out of the row's scores (see its number of seeds).", "",
                   *(f"- {run['name']}: diverged at step {run[DIVERGED]}" for run in diverged)]
