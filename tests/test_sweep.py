@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import json
 import math
 import os
 import re
@@ -297,7 +298,7 @@ def _stand_in(scores):
     """A ``run_training`` returning ``scores(options) -> (validation, test)`` accuracies; records the runs."""
     calls = []
 
-    def run_training(options: TrainOptions) -> dict:
+    def run_training(options: TrainOptions, base_test_exact_match: float | None = None) -> dict:
         calls.append(options)
         validation, test = scores(options)
         parameters = 100 * options.ranks if options.budget is None else 50 * len(options.budget)
@@ -523,20 +524,43 @@ def test_a_causal_lm_sweep_of_plain_texts_is_refused_before_anything_is_written(
     assert not (tmp_path / "sweep").exists()
 
 
-def test_a_causal_lm_sweep_selects_and_reports_on_exact_match(tmp_path):
+def test_a_causal_lm_sweep_selects_and_reports_on_exact_match(tmp_path, monkeypatch):
     """LoRA against a construction on prompt/completion data: every run records the exact match of its answers on
-    validation and test, and the rate of each row is chosen on the validation one."""
+    validation and test, and the rate of each row is chosen on the validation one. The base model, the same for
+    every run, is scored by the first run only and reported once."""
     tiny_llm.save_model_folder(tmp_path / "llama")
     pairs = zip(tiny_llm.sentences(40, 1, 4), tiny_llm.sentences(40, 2, 2), strict=True)
     (tmp_path / "pairs.jsonl").write_text("".join(f'{{"prompt": "{prompt}", "completion": " {completion}"}}\n'
                                                   for prompt, completion in pairs))
+    generated = []
+    exact_match = tenslora.app.train.exact_match
+    monkeypatch.setattr(tenslora.app.train, "exact_match", lambda model, tokenizer, rows, split, **kwargs: (
+        generated.append(split), exact_match(model, tokenizer, rows, split, **kwargs))[1])
     options = TrainOptions(task="causal-lm", train_file=str(tmp_path / "pairs.jsonl"), model=str(tmp_path / "llama"),
                            roles="q,v", max_steps=2, batch_size=8, max_length=16, bf16=False)
     rows = run_sweep(options, tmp_path / "sweep", lora_ranks=(1,), constructions=("qkv_depth",),
                      conditions=("isoparameter",), seeds=(0,), lrs=(1e-2, 2e-2))
     assert len(rows) == 4 and all(0 <= row["validation_exact_match"] <= 1 and 0 <= row["test_exact_match"] <= 1
                                   for row in rows)
-    assert "the best mean validation exact_match over the seeds" in (tmp_path / "sweep" / "results.md").read_text()
+    assert generated == ["validation", "test", "test", *["validation", "test"] * 3]  # the base's test: once
+    base = json.loads((tmp_path / "sweep" / "base.json").read_text())["base_test_exact_match"]
+    assert {json.loads(path.read_text())["base_test_exact_match"]
+            for path in (tmp_path / "sweep" / "runs").glob("*/metrics.json")} == {base}
+    report = (tmp_path / "sweep" / "results.md").read_text()
+    assert "the best mean validation exact_match over the seeds" in report
+    assert f"The base model (adapter off) has a test exact match of {base:.4f} on the same examples." in report
+
+
+@pytest.mark.parametrize("content", ['{"base_test_exact_match": 7}', '{"base_test_exact_match": "none"}', "{"])
+def test_a_damaged_base_score_is_refused_naming_the_file(tiny, tmp_path, monkeypatch, capsys, content):  # noqa: F811
+    """The sweep's record of the base model's score is read back before a run: damaged, it stops the sweep with one
+    line naming it (a run would record the wrong base)."""
+    out, _ = _fake_sweep(tiny, tmp_path, monkeypatch, lambda options: (0.7, 0.7), "--seeds", "0")
+    (out / "base.json").write_text(content)
+    assert _sweep(tiny, out, "--lora-rank", "2", "--conditions", "isoparameter", "--seeds", "1") == 2
+    line = _error_line(capsys)
+    assert f"'{out / 'base.json'}'" in line and ("between 0 and 1" in line or "JSON" in line)
+    assert (out / "base.json").read_text() == content
 
 
 def test_a_causal_lm_sweep_shares_the_cores_out_among_its_jobs(tmp_path, monkeypatch):

@@ -325,8 +325,11 @@ def make_trainer(prepared: Prepared, arguments: TrainingArguments, callbacks: li
     return trainer
 
 
-def run_training(options: TrainOptions) -> dict[str, Any]:
+def run_training(options: TrainOptions, base_test_exact_match: float | None = None) -> dict[str, Any]:
     """Train, evaluate on the test split, save the adapter; return what ``metrics.json`` holds.
+
+    ``base_test_exact_match``: the base model's score on the run's test split when it is already known (a
+    sweep's runs share it); a causal LM trained on prompts and completions otherwise generates it.
 
     With ``options.resume`` an interrupted run continues from its last complete checkpoint, and a
     finished one is returned as recorded. Writes ``run.json`` at the start, ``history.csv`` after
@@ -347,7 +350,7 @@ def run_training(options: TrainOptions) -> dict[str, Any]:
     with disk_errors(output_dir), run_lock(output_dir, hold=state.is_main_process):
         if state.is_main_process:
             _claim(output_dir, options, prepared.run)
-        return _train(options, prepared, arguments, output_dir, start)
+        return _train(options, prepared, arguments, output_dir, start, base_test_exact_match)
 
 
 def _claim(output_dir: str, options: TrainOptions, run: dict[str, Any]) -> None:
@@ -362,7 +365,7 @@ def _claim(output_dir: str, options: TrainOptions, run: dict[str, Any]) -> None:
 
 
 def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArguments, output_dir: str,
-           start: float) -> dict[str, Any]:
+           start: float, base_test_exact_match: float | None) -> dict[str, Any]:
     trainer = make_trainer(prepared, arguments,
                            callbacks=[HistoryCallback(os.path.join(output_dir, HISTORY_FILE)),
                                       DivergenceCheck(loss_ceiling(prepared))])
@@ -374,7 +377,8 @@ def _train(options: TrainOptions, prepared: Prepared, arguments: TrainingArgumen
         history = history_rows(trainer.state.log_history)
     test = _strip(trainer.evaluate(prepared.data.splits["test"], metric_key_prefix="test"), "test_")
     validation = _strip(history[-1], "eval_")
-    generated = generation_scores(prepared, trainer.args.bf16) if _scores_generation(prepared) else {}
+    generated = (generation_scores(prepared, trainer.args.bf16, base_test_exact_match)
+                 if _scores_generation(prepared) else {})
     for split, scores in (("test", test), ("validation", validation)):
         if split in generated:
             scores["exact_match"] = generated[split]
@@ -412,15 +416,16 @@ def _scores_generation(prepared: Prepared) -> bool:
     return texts is not None and is_paired(texts["train"])
 
 
-def generation_scores(prepared: Prepared, bf16: bool) -> dict[str, float]:
+def generation_scores(prepared: Prepared, bf16: bool, base_test: float | None = None) -> dict[str, float]:
     """Exact match of greedy answers on the validation and test splits, and the base model's on the test split
-    (the adapter switched off: the zero-shot score the fine-tune is measured against), decoded in the run's
-    precision."""
+    (the adapter switched off: the zero-shot score the fine-tune is measured against) unless ``base_test`` gives
+    it, decoded in the run's precision."""
     model, texts, tokenizer = prepared.model, prepared.data.texts, prepared.preprocessor
     scores = {split: exact_match(model, tokenizer, texts[split], split, bf16=bf16) for split in ("validation", "test")}
-    with model.disable_adapter():
-        scores["base_test"] = exact_match(model, tokenizer, texts["test"], "test", bf16=bf16)
-    return scores
+    if base_test is None:
+        with model.disable_adapter():
+            base_test = exact_match(model, tokenizer, texts["test"], "test", bf16=bf16)
+    return {**scores, "base_test": base_test}
 
 
 def evaluate_run(run_dir: str, split: str = "test", overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -181,8 +181,10 @@ def comparisons(rows: dict[RowKey, list[dict[str, Any]]],
     return found
 
 
-def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> str:
-    """The rows at their chosen learning rates, the comparisons with LoRA, and the skipped budgets."""
+def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = (),
+                    base_test_exact_match: float | None = None) -> str:
+    """The rows at their chosen learning rates (and the base model's score they improve on), the comparisons
+    with LoRA, and the skipped budgets."""
     metrics = metric_columns(runs)
     names = [metric.removeprefix("test_") for metric in metrics]
     selection = selection_metric(runs) or "score"
@@ -192,6 +194,9 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -
              f"the mean]. A row's learning rate is, of those tried, the one with the best mean validation "
              f"{selection} over the seeds every "
              f"tried rate was run with.", ""]
+    if base_test_exact_match is not None:
+        lines += [f"The base model (adapter off) has a test exact match of {base_test_exact_match:.4f} on the same "
+                  "examples.", ""]
     lines += _table(["condition", "construction", "budget", "ranks", "adapter parameters", "trainable parameters",
                      "lr", "seeds", *names],
                     ([key[1], key[0], key[2],
@@ -316,11 +321,13 @@ def plot(path: Path, runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> 
         plt.close(figure)
 
 
-def write_reports(sweep_dir: Path, runs: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> None:
-    """``results.csv``, ``results.md`` and ``results.png`` of every run in the folder."""
+def write_reports(sweep_dir: Path, runs: Sequence[dict[str, Any]], notes: Sequence[str] = (),
+                  base_test_exact_match: float | None = None) -> None:
+    """``results.csv``, ``results.md`` and ``results.png`` of every run in the folder (and the base model's
+    score, a causal LM's, in ``results.md``)."""
     runs = with_selection(runs)
     write_csv(sweep_dir / RESULTS_FILE, runs)
-    write_atomic(sweep_dir / "results.md", markdown_report(runs, notes))
+    write_atomic(sweep_dir / "results.md", markdown_report(runs, notes, base_test_exact_match))
     metrics = metric_columns(runs)
     if metrics:
         plot(sweep_dir / "results.png", runs, metrics)

@@ -41,6 +41,8 @@ from .report import DIVERGED, RESULTS_FILE, RowKey, read_csv, row_key, select_le
 CONDITIONS = ("isorank", "isoparameter")
 SWEEP_FILE = "sweep.json"
 DIVERGED_FILE = "diverged.json"  # in a run folder: the sweep's record of a run that diverged
+BASE_FILE = "base.json"  # in the sweep folder: the base model's test score, the same for every run (a causal LM's)
+BASE_SCORE = "base_test_exact_match"
 #: The options a sweep sets run by run; the others are shared by all its runs (recorded in sweep.json).
 PER_RUN_OPTIONS = ("construction", "ranks", "budget", "head_only", "seed", "lr")
 MAX_WIDENINGS = 3  # --widen: the most rates added to one row (a factor of 8 beyond the grid)
@@ -189,11 +191,24 @@ def train_or_diverge(options: TrainOptions) -> dict[str, Any]:
                              "changed or damaged outside TensLoRA; restore it, or delete it to train that run again.")
         return {DIVERGED: step}
     try:
-        return run_training(options)
+        return run_training(options, known_base_score(Path(options.output_dir).parents[1]))
     except TrainingDiverged as error:
         diverged = {DIVERGED: error.step}
         write_json(record, diverged)
         return diverged
+
+
+def known_base_score(sweep_dir: Path) -> float | None:
+    """The base model's test exact match once a run of the sweep in ``sweep_dir`` has scored it (``BASE_FILE``):
+    every run has the same base, test examples and precision, so the others need not generate it again."""
+    record = sweep_dir / BASE_FILE
+    if not record.is_file():
+        return None
+    score = read_json(record, required=(BASE_SCORE,))[BASE_SCORE]
+    if isinstance(score, bool) or not isinstance(score, int | float) or not 0 <= score <= 1:
+        raise ValueError(f"'{record}': its \"{BASE_SCORE}\" is {score!r}, not an exact match between 0 and 1. It was "
+                         "changed or damaged outside TensLoRA; delete it and the next run scores the base again.")
+    return score
 
 
 def end_with_parent(parent: int) -> None:
@@ -345,7 +360,9 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
             nonlocal done
             done += 1
             table[run.name] = result_row(run, metrics)
-            write_reports(sweep_dir, list(table.values()), notes)
+            if BASE_SCORE in metrics and known_base_score(sweep_dir) is None:
+                write_json(sweep_dir / BASE_FILE, {BASE_SCORE: metrics[BASE_SCORE]})
+            write_reports(sweep_dir, list(table.values()), notes, known_base_score(sweep_dir))
             scores = ", ".join(f"{key}={value:.4f}" for key, value in table[run.name].items()
                                if key.startswith(("validation_", "test_")))
             print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
