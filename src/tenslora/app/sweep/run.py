@@ -191,7 +191,8 @@ def train_or_diverge(options: TrainOptions) -> dict[str, Any]:
                              "changed or damaged outside TensLoRA; restore it, or delete it to train that run again.")
         return {DIVERGED: step}
     try:
-        return run_training(options, known_base_score(Path(options.output_dir).parents[1]))
+        sweep_dir = Path(options.output_dir).parents[1]  # a run's folder is <sweep>/runs/<name> (plan)
+        return run_training(options, known_base_score(sweep_dir))
     except TrainingDiverged as error:
         diverged = {DIVERGED: error.step}
         write_json(record, diverged)
@@ -360,9 +361,11 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
             nonlocal done
             done += 1
             table[run.name] = result_row(run, metrics)
-            if BASE_SCORE in metrics and known_base_score(sweep_dir) is None:
-                write_json(sweep_dir / BASE_FILE, {BASE_SCORE: metrics[BASE_SCORE]})
-            write_reports(sweep_dir, list(table.values()), notes, known_base_score(sweep_dir))
+            base = known_base_score(sweep_dir)
+            if base is None and BASE_SCORE in metrics:
+                base = metrics[BASE_SCORE]
+                write_json(sweep_dir / BASE_FILE, {BASE_SCORE: base})
+            write_reports(sweep_dir, list(table.values()), notes, base)
             scores = ", ".join(f"{key}={value:.4f}" for key, value in table[run.name].items()
                                if key.startswith(("validation_", "test_")))
             print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
