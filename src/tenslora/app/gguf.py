@@ -11,6 +11,8 @@ is not serializable"): a merged run then saves as any other.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from importlib.util import find_spec
 from typing import Any
 
@@ -34,6 +36,7 @@ def load_gguf(loader: Any, model: str, loads_weights: bool, **kwargs: Any) -> An
     folder, name = os.path.split(os.path.abspath(model))
     arguments: dict[str, Any] = {"gguf_file": name}
     if loads_weights:
+        _quiet_vocabulary_check(folder)
         arguments["dtype"] = torch.float32
         if hasattr(transformers, "GgufConfig"):  # before it, transformers always dequantized GGUF weights
             arguments["quantization_config"] = transformers.GgufConfig(dequantize=True)
@@ -43,6 +46,14 @@ def load_gguf(loader: Any, model: str, loads_weights: bool, **kwargs: Any) -> An
         raise ValueError(f"Cannot load the GGUF file '{model}' ({first_line(error)}); pass a GGUF file of an "
                          "architecture transformers reads from GGUF (LLaMA, Mistral, Qwen2, ...) or a model folder."
                          ) from None
+
+
+def _quiet_vocabulary_check(folder: str) -> None:
+    """PEFT, saving an adapter, reads the base's ``config.json`` to see whether its vocabulary was resized (and
+    the embeddings must be saved too); beside a GGUF file there is none, so every save, checkpoints included,
+    warns that it assumes not. TensLoRA never resizes a model's vocabulary: the warning says nothing here."""
+    warnings.filterwarnings("ignore", category=UserWarning, message=re.escape(
+        f"Could not find a config file in {folder} - will assume that the vocabulary was not modified"))
 
 
 def first_line(error: Exception) -> str:
