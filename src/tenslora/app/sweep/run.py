@@ -361,11 +361,11 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
             nonlocal done
             done += 1
             table[run.name] = result_row(run, metrics)
-            base = known_base_score(sweep_dir)
-            if base is None and BASE_SCORE in metrics:
-                base = metrics[BASE_SCORE]
-                write_json(sweep_dir / BASE_FILE, {BASE_SCORE: base})
-            write_reports(sweep_dir, list(table.values()), notes, base)
+            base_score = known_base_score(sweep_dir)
+            if base_score is None and BASE_SCORE in metrics:
+                base_score = metrics[BASE_SCORE]
+                write_json(sweep_dir / BASE_FILE, {BASE_SCORE: base_score})
+            write_reports(sweep_dir, list(table.values()), notes, base_score)
             scores = ", ".join(f"{key}={value:.4f}" for key, value in table[run.name].items()
                                if key.startswith(("validation_", "test_")))
             print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
