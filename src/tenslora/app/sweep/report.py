@@ -309,7 +309,7 @@ def plot(path: Path, runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> 
                           markersize=10 if condition == "lora" else 6,
                           label="LoRA (ranks)" if condition == "lora" else f"{construction} ({condition})")
         axes.set_xscale("log")
-        axes.set_xlabel("trainable adapter parameters (log scale; classification head not counted)")
+        axes.set_xlabel("adapter parameters (log scale; a classifier's head not counted)")
         axes.set_ylabel(metric.removeprefix("test_").replace("_", " ") + " (test, ± std over seeds)")
         axes.grid(True, which="both", alpha=0.3)
     panels[0][0].legend(fontsize=7, ncol=2, loc="best")
