@@ -235,7 +235,7 @@ def test_match_budget_on_all_linear(construction, factorization):
 
 def test_params_table_on_all_linear():
     table = format_parameter_table(llama().config, "tiny-llama", 2, "all-linear", "tucker")
-    assert "adapting q,k,v,o,gate,up,down" in table and "LoRA rank 2: 1,724 trainable parameters" in table
+    assert "adapting q,k,v,o,gate,up,down" in table and "LoRA rank 2: 1,724 adapter parameters" in table
     assert "attention[in=" in table and "mlp[in=" in table
 
 
@@ -243,4 +243,4 @@ def test_cli_params_with_all_linear(tmp_path, capsys):
     llama().config.save_pretrained(tmp_path)
     assert main(["params", "--model", str(tmp_path), "--roles", "all-linear", "--lora-rank", "2"]) == 0
     table = capsys.readouterr().out
-    assert "adapting q,k,v,o,gate,up,down" in table and "LoRA rank 2: 1,724 trainable parameters" in table
+    assert "adapting q,k,v,o,gate,up,down" in table and "LoRA rank 2: 1,724 adapter parameters" in table

@@ -61,7 +61,7 @@ def format_parameter_table(model_config: Any, model_name: str, rank: int, roles:
     lines = [
         f"{model_name}: hidden {geometry.hidden_size}, {geometry.num_heads} heads, {geometry.num_layers} layers{mlp}; "
         f"adapting {','.join(geometry.roles)}",
-        f"LoRA rank {rank}: {budget:,} trainable parameters (classification head not counted)",
+        f"LoRA rank {rank}: {budget:,} adapter parameters (a classifier's head not counted)",
         "",
         f"{'construction':<15}{factorization + ' at rank ' + str(rank):>22}{'isoparameter ranks':>{ranks_width}}"
         f"{'params':>12}",
