@@ -413,6 +413,23 @@ def test_widen_tries_past_the_edge_of_the_grid_until_the_choice_is_inside(best, 
     assert {round(float(row["lr"]), 8) for row in _rows(out) if row["selected"] == "True"} == {chosen}
 
 
+def test_a_resumed_sweep_counts_the_rates_an_earlier_widening_added(tiny, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """Widened from 0.005, 0.01 down to 0.00125 in a first invocation, the same command again goes over the
+    grid's rates and seed 1's run at the choice (read back, or here run by a stand-in), and its progress counts
+    the two rates widening added too: the whole study."""
+    def scores(options):
+        return 1 - abs(math.log2(options.lr / 0.0025)) / 100, 0.7
+
+    flags = ("--lrs", "0.005,0.01", "--seeds", "0,1", "--select-on-seed", "0", "--widen")
+    _fake_sweep(tiny, tmp_path, monkeypatch, scores, *flags)
+    capsys.readouterr()
+    _, calls = _fake_sweep(tiny, tmp_path, monkeypatch, scores, *flags)
+    runs = 2 * (4 + 1)  # LoRA and qkv_depth, each at 4 rates with seed 0 and at its choice with seed 1
+    assert len(calls) == 2 * (2 + 1)
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert progress[-1].startswith(f"[{runs}/{runs}] ")
+
+
 def test_a_rate_at_which_a_method_diverges_loses_the_choice_and_is_not_trained_again(tiny, tmp_path,  # noqa: F811
                                                                                       monkeypatch):
     """qkv_depth diverges at 0.1, where its validation score would otherwise be the best: the sweep goes on,

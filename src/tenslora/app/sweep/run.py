@@ -242,6 +242,15 @@ def beyond_edges(planned: Sequence[Point], runs: Sequence[dict[str, Any]]) -> di
     return edges
 
 
+def other_rates_recorded(planned: Sequence[Point], runs: Sequence[dict[str, Any]], seeds: Sequence[int],
+                         lrs: Sequence[float]) -> list[dict[str, Any]]:
+    """The recorded runs of ``planned`` points with ``seeds`` at rates other than ``lrs`` (those an earlier
+    ``--widen`` added): the choice of rates counts them, and so does a resumed sweep's progress."""
+    points = {point.key for point in planned}
+    grid = {f"{lr:g}" for lr in lrs}
+    return [run for run in runs if row_key(run) in points and run["seed"] in seeds and f"{run['lr']:g}" not in grid]
+
+
 def result_row(run: PlannedRun, metrics: dict[str, Any]) -> dict[str, Any]:
     """One line of ``results.csv`` (its ``selected`` column is added by the reports); a diverged run has no
     scores, only the step it diverged at."""
@@ -354,8 +363,9 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
         kept = set(planned)
         first = [run for run in runs if run.point in kept and select_on_seed in (None, run.seed)]
         table = {row["name"]: row for row in read_csv(sweep_dir / RESULTS_FILE)}
-        total = len(first) + len(planned) * (len(seeds) - len({run.seed for run in first}))
-        done = 0
+        choosing = sorted({run.seed for run in first})
+        done = len(other_rates_recorded(planned, list(table.values()), choosing, lrs))  # an earlier --widen's
+        total = done + len(first) + len(planned) * (len(seeds) - len(choosing))
 
         def record(run: PlannedRun, metrics: dict[str, Any]) -> None:
             nonlocal done
@@ -371,7 +381,6 @@ def run_sweep(base: TrainOptions, sweep_dir: str | os.PathLike, lora_ranks: Sequ
             print(f"[{done}/{total}] {run.name}: {scores or f'diverged at step {metrics[DIVERGED]}'}", flush=True)
 
         execute(first, jobs, record)
-        choosing = sorted({run.seed for run in first})
         for _ in range(MAX_WIDENINGS if widen else 0):
             beyond = [run for point, rate in beyond_edges(planned, list(table.values())).items()
                       for run in plan(base, sweep_dir, [point], choosing, [rate])]
