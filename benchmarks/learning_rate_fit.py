@@ -15,16 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tenslora.app.sweep.report import DIVERGED, RESULTS_FILE, read_csv, row_key
+from tenslora.app.sweep.report import RESULTS_FILE, read_csv, selected_rows
 
 
 def chosen_rates(sweep_dir: Path) -> dict[tuple[str, str, str], tuple[int, float]]:
     """Each row's adapter parameters and chosen rate (rows whose chosen rate never trained are left out)."""
-    rows = {}
-    for run in read_csv(sweep_dir / RESULTS_FILE):
-        if run["selected"] and DIVERGED not in run:
-            rows[row_key(run)] = (run["adapter_parameters"], run["lr"])
-    return rows
+    return {key: (runs[0]["adapter_parameters"], runs[0]["lr"])
+            for key, runs in selected_rows(read_csv(sweep_dir / RESULTS_FILE)).items()}
 
 
 def main() -> None:

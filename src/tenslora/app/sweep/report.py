@@ -129,7 +129,7 @@ def with_selection(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return marked
 
 
-def _rows(runs: Sequence[dict[str, Any]]) -> dict[RowKey, list[dict[str, Any]]]:
+def selected_rows(runs: Sequence[dict[str, Any]]) -> dict[RowKey, list[dict[str, Any]]]:
     """The selected runs that did not diverge, by row, in report order: LoRA, isoparameter, isorank; by
     construction, then size."""
     rows: dict[RowKey, list[dict[str, Any]]] = {}
@@ -188,7 +188,7 @@ def markdown_report(runs: Sequence[dict[str, Any]], notes: Sequence[str] = (),
     metrics = metric_columns(runs)
     names = [metric.removeprefix("test_") for metric in metrics]
     selection = selection_metric(runs) or "score"
-    rows = _rows(runs)
+    rows = selected_rows(runs)
     lines = ["# Sweep results", "",
              f"Test scores at each row's learning rate: mean ± standard deviation over seeds [95 % t-interval of "
              f"the mean]. A row's learning rate is, of those tried, the one with the best mean validation "
@@ -287,7 +287,7 @@ def plot(path: Path, runs: Sequence[dict[str, Any]], metrics: Sequence[str]) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _rows(runs)
+    rows = selected_rows(runs)
     constructions = list(dict.fromkeys(key[0] for key in rows if key[1] != "lora"))
     colours = {"lora": "black", **{c: plt.get_cmap("tab10")(i % 10) for i, c in enumerate(constructions)}}
     figure, panels = plt.subplots(1, len(metrics), figsize=(8 * len(metrics), 5), squeeze=False)
